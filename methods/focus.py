@@ -1,0 +1,71 @@
+"""Focus on the likely classes (iFo, doFo) and their loss ablations (DESIGN §3, paper Eq. 2)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tta_bench.hparams import HParam
+from tta_bench.method import Method, Step
+
+LOSSES = ("logits", "xent", "entropy")
+
+
+def entropy(logits: Tensor) -> Tensor:
+    """H(p) = −Σ p log p of softmax(logits)."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum()
+
+
+class IFo(Method):
+    """Increase the focus classes F (the n_focus most likely at θ0).
+
+    loss=logits:  −Σ_{c∈F} p̃_c z_c  (weighted)  or  −(1/|F|) Σ_{c∈F} z_c
+    loss=xent:    −Σ_{c∈F} p̃_c log p_c        or  −(1/|F|) Σ_{c∈F} log p_c
+    loss=entropy: H(p)  (ablation; F and weighting do not apply)
+    p̃ are the source probabilities, constant in backpropagation."""
+
+    name = "ifo"
+    description = "increase the logits of the likely (focus) classes"
+    default_lr = 2.05e-2  # the paper's ImageNet learning rate
+    hparams = {
+        "n_focus": HParam(2, int, "number of focus classes |F|", check=lambda n: n >= 1,
+                          check_msg="must be >= 1"),
+        "weighted": HParam(True, bool, "weight each focus term by its source probability"),
+        "loss": HParam("logits", str, "logits | xent | entropy (paper Experiments 9, 10)", choices=LOSSES),
+    }
+
+    def loss(self, step: Step) -> Tensor:
+        z = step.logits
+        if self.hp.loss == "entropy":
+            return entropy(z)
+        focus = step.source.focus(self.hp.n_focus)
+        scores = z if self.hp.loss == "logits" else torch.log_softmax(z, dim=-1)
+        weights = step.source.probs[focus] if self.hp.weighted else 1.0 / len(focus)
+        return -(weights * scores[focus]).sum()
+
+
+class DoFo(Method):
+    """Decrease the out-of-focus classes: L = (1/|C∖F|) Σ_{c∉F} z_c."""
+
+    name = "dofo"
+    description = "decrease the logits of the unlikely (out-of-focus) classes"
+    default_lr = 2.05e-2
+    hparams = {"n_focus": IFo.hparams["n_focus"]}
+
+    def loss(self, step: Step) -> Tensor:
+        z = step.logits
+        out = torch.ones_like(z, dtype=torch.bool)
+        out[step.source.focus(self.hp.n_focus)] = False
+        return z[out].mean()
+
+
+class Entropy(Method):
+    """Entropy minimisation on all parameters (the same loss as `ifo loss=entropy`)."""
+
+    name = "entropy"
+    description = "minimise the prediction entropy, all parameters"
+    default_lr = IFo.default_lr
+    hparams = {}
+
+    def loss(self, step: Step) -> Tensor:
+        return entropy(step.logits)

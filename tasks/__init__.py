@@ -1,0 +1,1 @@
+"""Built-in tasks, one module per family; discovered by `tta_bench.registry`."""

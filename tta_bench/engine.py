@@ -1,0 +1,250 @@
+"""The single-sample-reset protocol (DESIGN §2): one place owns reset, gating, optimizer,
+clipping, prediction, timing and recording for every method."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .errors import TTAError
+from .method import ClassLogits, Method, Source, Step
+
+PAPER_LR_GRID: tuple[float, ...] = tuple(5e-6 * 2**j for j in range(19))  # Listing 1
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Everything about adaptation that is the same for every method; recorded with each run."""
+
+    lrs: tuple[float, ...]
+    threshold: float | None = 0.16  # None: adapt and score every sample
+    steps: int = 1
+    clip: float | None = 1.0  # max gradient norm; None: no clipping
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.lrs:
+            raise TTAError("no learning rate given: pass --lr 1e-3 (or a list 1e-3,2e-2, or --lr-grid paper)")
+        if any(not lr > 0 for lr in self.lrs):
+            raise TTAError(f"learning rates must be > 0, got {list(self.lrs)}")
+        if len(set(self.lrs)) != len(self.lrs):
+            raise TTAError(f"learning rates repeat: {list(self.lrs)}; give each once")
+        if self.threshold is not None and not 0 < self.threshold <= 1:
+            raise TTAError(f"threshold must be in (0, 1] (Δ1,2 is a difference of probabilities), got {self.threshold}")
+        if self.steps < 1:
+            raise TTAError(f"steps must be >= 1, got {self.steps}")
+        if self.clip is not None and not self.clip > 0:
+            raise TTAError(f"clip must be > 0 (or none to disable clipping), got {self.clip}")
+        if self.optimizer not in OPTIMIZERS:
+            raise TTAError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        if self.momentum < 0 or self.weight_decay < 0:
+            raise TTAError("momentum and weight decay must be >= 0")
+
+    @property
+    def one_gradient(self) -> bool:
+        """True when θ0 − η·g for every η is exact: one backward serves the whole lr sweep."""
+        return (self.steps == 1 and self.optimizer == "sgd" and self.momentum == 0
+                and self.weight_decay == 0)
+
+    def make_optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=lr, weight_decay=self.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
+
+
+@dataclass
+class Adaptation:
+    """One sample's adaptation: adapted class logits per learning rate (None: not updated)."""
+
+    logits: list[Tensor | None]
+    loss: float = float("nan")  # the method's loss at θ0
+    grad_norm: float = float("nan")  # before clipping
+    updated: bool = False
+    nonfinite: bool = False  # non-finite loss or gradient
+    forwards: int = 0
+    backwards: int = 0
+
+
+class Snapshot:
+    """Copies of tensors that are restored in place, bit for bit (no deepcopy, no state dict)."""
+
+    def __init__(self, tensors: Sequence[Tensor]):
+        self.live = list(tensors)
+        self.saved = [t.detach().clone() for t in self.live]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if self.live:
+            torch._foreach_copy_(self.live, self.saved)
+
+
+class Adapter:
+    """Adapts one sample at a time on a shared model; θ0 is restored after every sample.
+
+    Use as a context manager: on entry only the method's parameters require gradients, on exit
+    the original flags and weights are back."""
+
+    def __init__(self, model: nn.Module, method: Method, class_logits: ClassLogits, protocol: Protocol):
+        self.model, self.method, self.class_logits, self.protocol = model, method, class_logits, protocol
+        named = method.parameters(model)
+        if not named:
+            raise TTAError(f"method {method.name} found no parameters to adapt in this model")
+        self.param_names = list(named)
+        self.params = list(named.values())
+        self.params_snapshot = Snapshot(self.params)
+        self.snapshot = Snapshot(self.params + [b for b in model.buffers()])
+        self._flags: list[tuple[nn.Parameter, bool]] = []
+
+    def __enter__(self) -> Adapter:
+        self._flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        adapt = {id(p) for p in self.params}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in adapt)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.snapshot.restore()
+        for p, flag in self._flags:
+            p.requires_grad_(flag)
+            p.grad = None
+
+    def adapt(self, inputs: Any) -> Adaptation:
+        """Adapt on `inputs` (batch of one) for every learning rate; restores θ0 afterwards."""
+        try:
+            if self.protocol.one_gradient:
+                return self._sweep(inputs)
+            return self._per_lr(inputs)
+        finally:
+            for p in self.params:
+                p.grad = None
+            self.snapshot.restore()
+
+    def _forward(self, inputs: Any) -> Tensor:
+        with torch.no_grad():
+            return self.class_logits(self.model, inputs)[0]
+
+    def _backward(self, loss: Tensor) -> float:
+        """Gradient of `loss` into .grad, clipped like torch.nn.utils.clip_grad_norm_."""
+        for p in self.params:
+            p.grad = None
+        loss.backward()
+        grads = [p for p in self.params if p.grad is not None]
+        if self.protocol.clip is None:
+            return float(torch.nn.utils.get_total_norm([p.grad for p in grads])) if grads else 0.0
+        return float(torch.nn.utils.clip_grad_norm_(grads, self.protocol.clip)) if grads else 0.0
+
+    def _step(self, inputs: Any, source: Source | None, out: Adaptation) -> tuple[Step, Tensor | None]:
+        def count() -> None:
+            out.forwards += 1
+        step = Step(self.model, inputs, self.class_logits, source, count)
+        with torch.enable_grad():
+            loss = self.method.loss(step)
+        return step, loss
+
+    def _sweep(self, inputs: Any) -> Adaptation:
+        """One backward at θ0, then θ0 − η·g and a forward for each η (exact for plain SGD)."""
+        lrs = self.protocol.lrs
+        out = Adaptation(logits=[None] * len(lrs))
+        _, loss = self._step(inputs, None, out)
+        if loss is None:
+            return out
+        out.loss = float(loss.detach())
+        out.grad_norm = self._backward(loss)
+        out.backwards += 1
+        if not (math.isfinite(out.loss) and math.isfinite(out.grad_norm)):
+            out.nonfinite = True
+            return out
+        out.updated = True
+        pairs = [(p, s) for p, s in zip(self.params, self.params_snapshot.saved) if p.grad is not None]
+        live, saved = [p for p, _ in pairs], [s for _, s in pairs]
+        grads = [p.grad for p in live]
+        with torch.no_grad():
+            for k, lr in enumerate(lrs):
+                if k:
+                    torch._foreach_copy_(live, saved)
+                torch._foreach_add_(live, grads, alpha=-lr)
+                out.logits[k] = self._forward(inputs)
+                out.forwards += 1
+        return out
+
+    def _per_lr(self, inputs: Any) -> Adaptation:
+        """A full adaptation per learning rate (T steps, momentum, Adam, weight decay)."""
+        lrs = self.protocol.lrs
+        out = Adaptation(logits=[None] * len(lrs))
+        source: Source | None = None
+        for k, lr in enumerate(lrs):
+            if k:
+                self.snapshot.restore()
+            optimizer = self.protocol.make_optimizer(self.params, lr)
+            for t in range(self.protocol.steps):
+                step, loss = self._step(inputs, source, out)
+                if loss is None:
+                    break
+                if source is None:
+                    source = step.source
+                norm = self._backward(loss)
+                out.backwards += 1
+                if t == 0 and k == 0:
+                    out.loss, out.grad_norm = float(loss.detach()), norm
+                if not (math.isfinite(float(loss.detach())) and math.isfinite(norm)):
+                    out.nonfinite, out.updated = True, False
+                    return out
+                out.updated = True
+                optimizer.step()
+            if not out.updated:  # the method declined at θ0: the same for every lr
+                return out
+            out.logits[k] = self._forward(inputs)
+            out.forwards += 1
+        return out
+
+
+@dataclass
+class AdaptResult:
+    """Result of `tta_bench.adapt` for one sample."""
+
+    source_logits: Tensor  # [C]
+    adapted_logits: Tensor  # [C]; equal to source_logits when not updated
+    uncertain: bool
+    updated: bool
+    loss: float = float("nan")
+    nonfinite: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def adapt(model: nn.Module, inputs: Any, method: Method | str, *, threshold: float | None = 0.16,
+          steps: int = 1, clip: float | None = 1.0, lr: float | None = None, optimizer: str = "sgd",
+          momentum: float = 0.0, weight_decay: float = 0.0) -> AdaptResult:
+    """Apply the protocol to one sample: gate, adapt, predict, reset (model bit-identical after).
+
+    `model(inputs)` must return logits of shape [1, C]; the model runs in eval mode."""
+    from .registry import get_method
+
+    method = get_method(method) if isinstance(method, str) else method
+    protocol = Protocol(lrs=(lr if lr is not None else method.default_lr,), threshold=threshold,
+                        steps=steps, clip=clip, optimizer=optimizer, momentum=momentum,
+                        weight_decay=weight_decay)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            z = model(inputs)
+        if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[0] != 1:
+            raise TTAError(f"model(inputs) must return logits of shape [1, C], got "
+                           f"{tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}")
+        source = Source(z[0])
+        uncertain = threshold is None or source.delta < threshold
+        if not (uncertain and method.adapts):
+            return AdaptResult(z[0], z[0], uncertain, False)
+        with Adapter(model, method, lambda m, x: m(x), protocol) as adapter:
+            out = adapter.adapt(inputs)
+        adapted = out.logits[0]
+        return AdaptResult(z[0], adapted if adapted is not None else z[0], True, out.updated,
+                           out.loss, out.nonfinite)
+    finally:
+        model.train(was_training)

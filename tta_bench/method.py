@@ -1,0 +1,105 @@
+"""What a method is: a loss, a parameter set and (rarely) its own update; the engine does the rest."""
+from __future__ import annotations
+
+from functools import cached_property
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .errors import TTAError
+from .hparams import HParam, resolve
+
+if TYPE_CHECKING:
+    from .task import Task
+
+ClassLogits = Callable[[nn.Module, Any], Tensor]  # (model, inputs) -> [B, C] class logits
+
+
+class Source:
+    """The source model's prediction for one sample (weights θ0, no gradient)."""
+
+    def __init__(self, logits: Tensor):
+        self.logits = logits.detach()
+
+    @cached_property
+    def probs(self) -> Tensor:
+        return torch.softmax(self.logits.float(), dim=-1)
+
+    @cached_property
+    def order(self) -> Tensor:
+        """Class indices from most to least likely."""
+        return torch.argsort(self.probs, descending=True, stable=True)
+
+    def focus(self, n: int) -> Tensor:
+        """The n most likely classes F."""
+        return self.order[:n]
+
+    @property
+    def pred(self) -> int:
+        return int(self.order[0])
+
+    @property
+    def delta(self) -> float:
+        """Δ1,2 = p(1) − p(2)."""
+        top = self.probs[self.order[:2]]
+        return float(top[0] - top[1]) if top.numel() > 1 else 1.0
+
+
+class Step:
+    """What a method's loss sees for one sample at the current weights."""
+
+    def __init__(self, model: nn.Module, inputs: Any, class_logits: ClassLogits,
+                 source: Source | None = None, count_forward: Callable[[], None] = lambda: None):
+        self.model, self.inputs, self._source = model, inputs, source
+        self._class_logits, self._count_forward = class_logits, count_forward
+
+    @cached_property
+    def source(self) -> Source:
+        """The prediction at θ0: given for later steps, else taken from this step's logits."""
+        return self._source if self._source is not None else Source(self.logits)
+
+    @cached_property
+    def logits(self) -> Tensor:
+        """Class logits [C] at the current weights, with gradient (computed on first use)."""
+        self._count_forward()
+        return self._class_logits(self.model, self.inputs)[0]
+
+
+class Method:
+    """Base class of every method. Subclasses set `name`, `hparams` and implement `loss`.
+
+    `loss(step)` returns a scalar tensor, or None to leave the sample unadapted (its prediction
+    stays the source prediction). `parameters(model)` selects what is adapted (default: all).
+    Hyperparameters are validated on construction and read as `self.hp.<name>`.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    hparams: ClassVar[dict[str, HParam]] = {}
+    default_lr: ClassVar[float] = 1e-3
+    task_kinds: ClassVar[frozenset[str]] = frozenset({"image", "text", "mc"})
+    adapts: ClassVar[bool] = True  # False for the source model `none`
+
+    def __init__(self, **hparams: Any):
+        self.config = resolve(f"method {self.name}", self.hparams, hparams)
+        self.hp = SimpleNamespace(**self.config)
+
+    def parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """Named parameters this method adapts (default: all)."""
+        return dict(model.named_parameters())
+
+    def loss(self, step: Step) -> Tensor | None:
+        raise NotImplementedError(f"method {self.name} must implement loss(step)")
+
+    def supports(self, task: Task) -> None:
+        """Raise TTAError if this method cannot run on `task` (checked before any work)."""
+        if task.kind not in self.task_kinds:
+            kinds = ", ".join(sorted(self.task_kinds))
+            raise TTAError(f"method {self.name} does not support {task.kind} tasks such as "
+                           f"{task.name} (it supports: {kinds})")
+
+    def __repr__(self) -> str:
+        args = " ".join(f"{k}={v}" for k, v in self.config.items())
+        return f"{self.name}({args})" if args else self.name

@@ -1,0 +1,78 @@
+"""What a task is: samples, a model, and how model outputs become class logits."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, ClassVar, Iterator, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .hparams import HParam, resolve
+
+
+class Sample(NamedTuple):
+    index: int
+    raw: Any  # whatever `collate` turns into model inputs
+    label: int
+
+
+class Task:
+    """Base class of every task. Subclasses set `name`, `kind`, `options` and implement
+    `load_model`, `samples`, `collate` and (if outputs are not already class logits) `class_logits`.
+    Options are validated on construction and read as `self.opts.<name>`."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str] = "image"  # image | text | mc
+    description: ClassVar[str] = ""
+    options: ClassVar[dict[str, HParam]] = {}
+
+    def __init__(self, **options: Any):
+        self.config = resolve(f"task {self.name}", self.options, options)
+        self.opts = SimpleNamespace(**self.config)
+
+    @classmethod
+    def models(cls) -> list[str]:
+        """Model names this task can load (for `tta-bench list models`)."""
+        return []
+
+    def check(self) -> None:
+        """Fail early, with a TTAError saying how to fix it, if data or weights are missing."""
+
+    def load_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def samples(self) -> Iterator[Sample]:
+        raise NotImplementedError
+
+    def num_samples(self) -> int | None:
+        """How many samples `samples()` yields, if known (for the progress bar)."""
+        return None
+
+    def collate(self, raws: list[Any]) -> Any:
+        """Model inputs for a batch of raw samples."""
+        return torch.stack(raws)
+
+    def class_logits(self, model: nn.Module, inputs: Any) -> Tensor:
+        """[B, C] class logits for a batch of inputs."""
+        return model(inputs)
+
+    def metadata(self) -> dict[str, Any]:
+        """Provenance recorded with every run (data and weights versions, hashes, ...)."""
+        return {}
+
+
+def select(inputs: Any, i: int) -> Any:
+    """Sample i of a batch, keeping the batch dimension (tensors or dicts of tensors)."""
+    if isinstance(inputs, Tensor):
+        return inputs[i:i + 1]
+    if isinstance(inputs, dict):
+        return {k: select(v, i) for k, v in inputs.items()}
+    raise TypeError(f"cannot select from inputs of type {type(inputs).__name__}")
+
+
+def to_device(inputs: Any, device: torch.device) -> Any:
+    if isinstance(inputs, Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, dict):
+        return {k: to_device(v, device) for k, v in inputs.items()}
+    return inputs
