@@ -29,9 +29,13 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 
 def _register(base: type, cls: type) -> type:
+    _extra[base][_checked(base, cls).name] = cls
+    return cls
+
+
+def _checked(base: type, cls: Any) -> type:
     if not (inspect.isclass(cls) and issubclass(cls, base) and isinstance(cls.__dict__.get("name"), str)):
         raise TTAError(f"{cls!r} is not a {base.__name__} subclass with a `name`")
-    _extra[base][cls.name] = cls
     return cls
 
 
@@ -50,7 +54,7 @@ def _discover(base: type, package: str, group: str) -> dict[str, type]:
             cls = ep.load()
         except Exception as err:  # a broken plugin must not break the built-ins
             raise TTAError(f"plugin {ep.name!r} ({ep.value}) in {group} failed to load: {err}") from err
-        _register(base, cls)
+        found[_checked(base, cls).name] = cls
     return found
 
 

@@ -5,7 +5,7 @@ import json
 import random
 from collections import defaultdict
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from itertools import islice
 from pathlib import Path
 from time import perf_counter
@@ -23,6 +23,10 @@ from .metrics import summarize
 from .method import Method
 from .provenance import environment
 from .task import Sample, Task, select, to_device
+
+# Measured (EfficientNet-Lite0, 224 px, 1 thread): per-sample forward 16 ms at batch 1, 29 ms at 16,
+# 50 ms at 64 on this CPU; GPUs are launch-bound at batch 1.
+BATCH_SIZE = {"cpu": 1, "cuda": 64}
 
 TABLE_COLUMNS = {
     "lr": "lr", "n_total": "n_total", "n_uncertain": "n_uncertain", "frac_uncertain": "frac_unc",
@@ -61,7 +65,7 @@ class RunOptions:
 
     limit: int | None = None  # first N samples of the task
     max_uncertain: int | None = None  # stop after this many uncertain samples
-    batch_size: int = 16  # for the batched source forward and gate
+    batch_size: int | None = None  # of the source forward and gate; None: per device (BATCH_SIZE)
     seed: int = 0
     device: str = "auto"
     progress: bool = True
@@ -71,7 +75,7 @@ class RunOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise TTAError(f"{name} must be >= 1, got {value}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise TTAError(f"batch size must be >= 1, got {self.batch_size}")
 
 
@@ -104,6 +108,7 @@ def run(task: Task, method: Method, protocol: Protocol, options: RunOptions | No
     random.seed(options.seed)
     np.random.seed(options.seed)
     torch.manual_seed(options.seed)
+    options = replace(options, batch_size=options.batch_size or BATCH_SIZE.get(device.type, 1))
     model = task.load_model().to(device).eval()
     adapter = Adapter(model, method, task.class_logits, protocol) if method.adapts else None
     lrs, threshold = protocol.lrs, protocol.threshold

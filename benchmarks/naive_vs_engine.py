@@ -1,0 +1,84 @@
+"""Engine vs the naive reference loop on the same samples, in one process (DESIGN §6).
+
+Naive loop: every sample forwarded one at a time; per uncertain sample and per learning rate a
+deepcopy of the model, a fresh SGD optimizer, forward, backward, clip, step, forward.
+Prints samples/s of both, the ratio and whether every prediction agrees exactly.
+
+    python benchmarks/naive_vs_engine.py --limit 2000 --lr-grid paper --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from itertools import islice
+
+import torch
+from tabulate import tabulate
+
+import tta_bench
+from tta_bench import PAPER_LR_GRID, Protocol, RunOptions
+
+
+def naive(task, model, method, lrs, threshold, clip, limit):
+    preds = {}
+    start = time.perf_counter()
+    for sample in islice(task.samples(), limit):
+        x = task.collate([sample.raw])
+        with torch.no_grad():
+            p = torch.softmax(task.class_logits(model, x)[0], -1)
+        top = p.topk(2)
+        pred0 = int(top.indices[0])
+        uncertain = float(top.values[0] - top.values[1]) < threshold
+        for lr in lrs:
+            if not uncertain:
+                preds[sample.index, lr] = pred0
+                continue
+            clone = copy.deepcopy(model)
+            opt = torch.optim.SGD(clone.parameters(), lr=lr, momentum=0, weight_decay=0)
+            opt.zero_grad()
+            loss = method.loss(tta_bench.Step(clone, x, task.class_logits))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(clone.parameters(), clip)
+            opt.step()
+            with torch.no_grad():
+                preds[sample.index, lr] = int(task.class_logits(clone, x)[0].argmax())
+    return preds, time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="cifar10")
+    ap.add_argument("--method", default="ifo")
+    ap.add_argument("--limit", type=int, default=200)
+    ap.add_argument("--lr", type=float, default=2.05e-2)
+    ap.add_argument("--lr-grid", choices=["paper"])
+    ap.add_argument("--threshold", type=float, default=0.16)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    lrs = PAPER_LR_GRID if args.lr_grid else (args.lr,)
+    task, method = tta_bench.get_task(args.task), tta_bench.get_method(args.method)
+
+    t0 = time.perf_counter()
+    result = tta_bench.run(task, method, Protocol(lrs=lrs, threshold=args.threshold),
+                           RunOptions(limit=args.limit, progress=False))
+    engine_s = time.perf_counter() - t0  # includes model loading, like the naive side below
+    t0 = time.perf_counter()
+    model = task.load_model().eval()
+    naive_preds, naive_s = naive(task, model, method, lrs, args.threshold, 1.0, args.limit)
+    naive_s += time.perf_counter() - t0 - naive_s
+    engine_preds = {(r.index, r.lr): r.pred for r in result.rows.itertuples()}
+    agree = engine_preds == naive_preds
+    n_unc = result.summary[0]["n_uncertain"]
+    print(f"{task.name} · {method!r} · {len(lrs)} lr · {args.limit} samples · {n_unc} uncertain · "
+          f"threads {torch.get_num_threads()} · torch {torch.__version__}")
+    print(tabulate([["naive loop", naive_s, args.limit / naive_s, 1.0],
+                    ["engine", engine_s, args.limit / engine_s, naive_s / engine_s]],
+                   headers=["", "seconds", "samples/s", "speed-up"], floatfmt=".2f"))
+    mismatches = sum(engine_preds.get(k) != v for k, v in naive_preds.items())
+    print(f"predictions identical: {agree} ({mismatches} of {len(naive_preds)} differ)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The command line: clear one-line errors, listing, and an end-to-end run on the real task."""
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from tta_bench.cli import main
+
+
+def run_cli(capsys, *argv):
+    try:
+        code = main(list(argv))
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "--method", "nope"], "unknown method 'nope'; available:"),
+    (["run", "--task", "nope"], "unknown task 'nope'; available:"),
+    (["run", "--lr", "abc"], "expected comma-separated numbers, got 'abc'"),
+    (["run", "--lr", "-1"], "learning rates must be > 0"),
+    (["run", "--lr", "0.1", "--lr-grid", "paper"], "not allowed with argument"),
+    (["run", "-H", "weighted=maybe"], "weighted='maybe' is not a valid bool"),
+    (["run", "-H", "foo=1"], "method ifo has no option foo"),
+    (["run", "--threshold", "2"], "threshold must be in (0, 1]"),
+    (["run", "--steps", "0"], "steps must be >= 1"),
+    (["run", "--limit", "0"], "limit must be >= 1"),
+    (["run", "--data-dir", "/tmp"], "task cifar10 has no option data_dir"),
+    (["run", "--device", "cuda:0"], "CUDA is not available"),
+    (["run", "--out", "/proc/no-such/dir"], "cannot write to output folder"),
+    (["run", "--task", "imagenet", "--weights", "none"], "no ImageNet data: pass --data-dir"),
+    (["list", "things"], "invalid choice: 'things'"),
+    (["fly"], "invalid choice: 'fly'"),
+])
+def test_bad_input_is_one_line_exit_2(capsys, argv, message, monkeypatch):
+    monkeypatch.delenv("TTA_BENCH_IMAGENET_DIR", raising=False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_console_script_error_has_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "tta_bench.cli", "run", "--method", "nope"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("tta-bench: error: unknown method") and "Traceback" not in proc.stderr
+
+
+def test_list(capsys):
+    code, out, _ = run_cli(capsys, "list", "methods")
+    assert code == 0 and "ifo" in out and "weighted=True" in out
+    code, out, _ = run_cli(capsys, "list", "models")
+    assert "cifar10: efficientnet-lite0" in out and "resnet50" in out
+
+
+@pytest.mark.slow
+def test_run_end_to_end_on_the_real_task(capsys, tmp_path):
+    out_dir = tmp_path / "out"
+    code, out, err = run_cli(capsys, "run", "--limit", "40", "--lr", "0.02,0.5", "--out", str(out_dir),
+                             "--no-progress", "-H", "weighted=false")
+    assert code == 0, err
+    assert "Δacc" in out and "0.02" in out and "0.5" in out
+    rows = pd.read_parquet(out_dir / "samples.parquet")
+    assert len(rows) == 80 and set(rows.lr) == {0.02, 0.5}
+    assert set(rows.columns) >= {"index", "label", "pred_source", "pred", "delta", "p_source", "loss",
+                                 "updated", "nonfinite", "seconds", "uncertain"}
+    unc = rows[rows.uncertain]
+    assert len(unc) and unc.updated.all() and (rows.delta[rows.uncertain] < 0.16).all()
+    record = json.loads((out_dir / "run.json").read_text())
+    assert record["config"]["hparams"] == {"n_focus": 2, "weighted": False, "loss": "logits"}
+    assert record["config"]["protocol"]["clip"] == 1.0 and record["config"]["sweep"] == "one-gradient"
+    meta = record["metadata"]
+    assert meta["versions"]["torch"] and meta["threads"] >= 1 and "git_commit" in meta
+    assert record["config"]["options"]["seed"] == 0
+    assert len(meta["task"]["data_sha256"]) == 64
+    summary = pd.read_csv(out_dir / "summary.csv")
+    assert summary.n_uncertain.tolist() == [len(unc) // 2] * 2
