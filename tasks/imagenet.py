@@ -94,8 +94,7 @@ class ImageNet(Task):
         return files
 
     def check(self) -> None:
-        self.files
-        self.weights
+        _ = self.files, self.weights  # both raise a TTAError saying what is missing
 
     def load_model(self) -> nn.Module:
         name, weights = self.opts.model, self.weights

@@ -19,6 +19,8 @@ def test_plugin_example_runs_and_widens_the_margin():
     model = small_cnn()
     x = torch.randn(1, 3, 8, 8)
     res = tta_bench.adapt(model, x, method, threshold=None)
-    gap = lambda z: (z.topk(2).values[0] - z.topk(2).values[1]).item()
+    def gap(z):
+        return (z.topk(2).values[0] - z.topk(2).values[1]).item()
+
     assert res.updated and gap(res.adapted_logits) > gap(res.source_logits)
     assert "margin" in tta_bench.list_methods()

@@ -30,7 +30,8 @@ class Protocol:
 
     def __post_init__(self) -> None:
         if not self.lrs:
-            raise TTAError("no learning rate given: pass --lr 1e-3 (or a list 1e-3,2e-2, or --lr-grid paper)")
+            raise TTAError("no learning rate given: pass --lr 1e-3 (or a list 1e-3,2e-2, "
+                           "or --lr-grid paper)")
         if any(not lr > 0 for lr in self.lrs):
             raise TTAError(f"learning rates must be > 0, got {list(self.lrs)}")
         if len(set(self.lrs)) != len(self.lrs):
@@ -161,7 +162,7 @@ class Adapter:
             out.nonfinite = True
             return out
         out.updated = True
-        pairs = [(p, s) for p, s in zip(self.params, self.params_snapshot.saved) if p.grad is not None]
+        pairs = [(p, s) for p, s in zip(self.params, self.params_snapshot.saved, strict=True) if p.grad is not None]
         live, saved = [p for p, _ in pairs], [s for _, s in pairs]
         grads = [p.grad for p in live]
         with torch.no_grad():

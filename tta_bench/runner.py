@@ -17,7 +17,7 @@ import torch
 from tabulate import tabulate
 from tqdm.auto import tqdm
 
-from .engine import Adapter, Protocol
+from .engine import Adaptation, Adapter, Protocol
 from .errors import TTAError
 from .metrics import summarize
 from .method import Method
@@ -91,10 +91,65 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _chunks(items: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
-    it = iter(items)
-    while chunk := list(islice(it, size)):
-        yield chunk
+@dataclass
+class Scored:
+    """One sample after the batched source forward and gate."""
+
+    sample: Sample
+    inputs: Any  # model inputs with batch dimension 1
+    pred: int  # ŷ0
+    delta: float  # Δ1,2
+    prob: float  # p(ŷ0)
+    seconds: float  # its share of the batched source forward
+
+
+def source_pass(task: Task, model: torch.nn.Module, samples: Iterable[Sample], batch_size: int,
+                device: torch.device) -> Iterator[Scored]:
+    """Batched source forward (θ0 is shared by all samples), yielded one sample at a time."""
+    it = iter(samples)
+    while chunk := list(islice(it, batch_size)):
+        t0 = perf_counter()
+        inputs = to_device(task.collate([s.raw for s in chunk]), device)
+        with torch.no_grad():
+            probs = torch.softmax(task.class_logits(model, inputs).float(), dim=-1)
+        top = probs.topk(min(2, probs.shape[-1]), dim=-1)
+        deltas = (top.values[:, 0] - top.values[:, -1]).tolist()
+        preds, p0 = top.indices[:, 0].tolist(), top.values[:, 0].tolist()
+        seconds = (perf_counter() - t0) / len(chunk)
+        for i, sample in enumerate(chunk):
+            yield Scored(sample, select(inputs, i), preds[i], deltas[i], p0[i], seconds)
+
+
+class Recorder:
+    """Per-sample rows (DESIGN §2 step 6), one per learning rate, kept as columns."""
+
+    def __init__(self, lrs: tuple[float, ...]):
+        self.lrs = lrs
+        self.cols: dict[str, list] = defaultdict(list)
+
+    def add(self, s: Scored, uncertain: bool, a: Adaptation | None, seconds: float) -> None:
+        for k, lr in enumerate(self.lrs):
+            pred, nonfinite = s.pred, False
+            if a is not None:
+                logits = a.logits[k]
+                nonfinite = a.nonfinite or (logits is not None and not bool(torch.isfinite(logits).all()))
+                if nonfinite:
+                    pred = -1  # counts as wrong
+                elif logits is not None:
+                    pred = int(logits.argmax())
+            row = {
+                "index": s.sample.index, "label": s.sample.label, "lr": lr, "pred_source": s.pred,
+                "pred": pred, "delta": s.delta, "p_source": s.prob, "uncertain": uncertain,
+                "updated": bool(a and a.updated), "loss": a.loss if a else float("nan"),
+                "grad_norm": a.grad_norm if a else float("nan"), "nonfinite": nonfinite,
+                "forwards": 1 + (a.forwards if a else 0), "backwards": a.backwards if a else 0,
+                "seconds": seconds,
+            }
+            for key, value in row.items():
+                self.cols[key].append(value)
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.cols)
 
 
 def run(task: Task, method: Method, protocol: Protocol, options: RunOptions | None = None) -> RunResult:
@@ -111,63 +166,27 @@ def run(task: Task, method: Method, protocol: Protocol, options: RunOptions | No
     options = replace(options, batch_size=options.batch_size or BATCH_SIZE.get(device.type, 1))
     model = task.load_model().to(device).eval()
     adapter = Adapter(model, method, task.class_logits, protocol) if method.adapts else None
-    lrs, threshold = protocol.lrs, protocol.threshold
-    cols: dict[str, list] = defaultdict(list)
+    recorder = Recorder(protocol.lrs)
     n_seen = n_uncertain = 0
     total = task.num_samples()
     if options.limit is not None:
         total = min(total, options.limit) if total is not None else options.limit
     bar = tqdm(total=total, unit="sample", disable=not options.progress, dynamic_ncols=True)
+    scored = source_pass(task, model, islice(task.samples(), options.limit), options.batch_size, device)
     start, interrupted = perf_counter(), False
     try:
         with adapter if adapter is not None else nullcontext():
-            for chunk in _chunks(islice(task.samples(), options.limit), options.batch_size):
+            for s in scored:
                 t0 = perf_counter()
-                inputs = to_device(task.collate([s.raw for s in chunk]), device)
-                with torch.no_grad():
-                    probs = torch.softmax(task.class_logits(model, inputs).float(), dim=-1)
-                top = probs.topk(min(2, probs.shape[-1]), dim=-1)
-                deltas = (top.values[:, 0] - top.values[:, -1]).tolist()
-                preds0, p0 = top.indices[:, 0].tolist(), top.values[:, 0].tolist()
-                source_seconds = (perf_counter() - t0) / len(chunk)
-                for i, sample in enumerate(chunk):
-                    t0 = perf_counter()
-                    uncertain = threshold is None or deltas[i] < threshold
-                    adaptation = adapter.adapt(select(inputs, i)) if uncertain and adapter else None
-                    seconds = perf_counter() - t0 + source_seconds
-                    for k, lr in enumerate(lrs):
-                        pred, nonfinite = preds0[i], False
-                        if adaptation is not None:
-                            logits = adaptation.logits[k]
-                            nonfinite = adaptation.nonfinite or (logits is not None and not bool(torch.isfinite(logits).all()))
-                            if nonfinite:
-                                pred = -1  # counts as wrong
-                            elif logits is not None:
-                                pred = int(logits.argmax())
-                        cols["index"].append(sample.index)
-                        cols["label"].append(sample.label)
-                        cols["lr"].append(lr)
-                        cols["pred_source"].append(preds0[i])
-                        cols["pred"].append(pred)
-                        cols["delta"].append(deltas[i])
-                        cols["p_source"].append(p0[i])
-                        cols["uncertain"].append(uncertain)
-                        cols["updated"].append(bool(adaptation and adaptation.updated))
-                        cols["loss"].append(adaptation.loss if adaptation else float("nan"))
-                        cols["grad_norm"].append(adaptation.grad_norm if adaptation else float("nan"))
-                        cols["nonfinite"].append(nonfinite)
-                        cols["forwards"].append(1 + (adaptation.forwards if adaptation else 0))
-                        cols["backwards"].append(adaptation.backwards if adaptation else 0)
-                        cols["seconds"].append(seconds)
-                    n_seen += 1
-                    n_uncertain += uncertain
-                    bar.update(1)
-                    bar.set_postfix(uncertain=n_uncertain, refresh=False)
-                    if options.max_uncertain is not None and n_uncertain >= options.max_uncertain:
-                        break
-                else:
-                    continue
-                break
+                uncertain = protocol.threshold is None or s.delta < protocol.threshold
+                adaptation = adapter.adapt(s.inputs) if uncertain and adapter else None
+                recorder.add(s, uncertain, adaptation, perf_counter() - t0 + s.seconds)
+                n_seen += 1
+                n_uncertain += uncertain
+                bar.update(1)
+                bar.set_postfix(uncertain=n_uncertain, refresh=False)
+                if options.max_uncertain is not None and n_uncertain >= options.max_uncertain:
+                    break
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -175,7 +194,7 @@ def run(task: Task, method: Method, protocol: Protocol, options: RunOptions | No
     wall = perf_counter() - start
     if n_seen == 0 and not interrupted:
         raise TTAError(f"task {task.name} yielded no samples; check its data options")
-    rows = pd.DataFrame(cols)
+    rows = recorder.frame()
     config = {
         "task": task.name, "task_options": task.config, "method": method.name,
         "hparams": method.config, "protocol": asdict(protocol), "options": asdict(options),
