@@ -18,13 +18,14 @@ from tabulate import tabulate
 
 import tta_bench
 from tta_bench import PAPER_LR_GRID, Protocol, RunOptions
+from tta_bench.runner import resolve_device
 
 
-def naive(task, model, method, lrs, threshold, clip, limit):
+def naive(task, model, method, lrs, threshold, clip, limit, device):
     preds = {}
     start = time.perf_counter()
     for sample in islice(task.samples(), limit):
-        x = task.collate([sample.raw])
+        x = task.collate([sample.raw]).to(device)
         with torch.no_grad():
             p = torch.softmax(task.class_logits(model, x)[0], -1)
         top = p.topk(2)
@@ -55,6 +56,7 @@ def main() -> None:
     ap.add_argument("--lr-grid", choices=["paper"])
     ap.add_argument("--threshold", type=float, default=0.16)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lrs = PAPER_LR_GRID if args.lr_grid else (args.lr,)
@@ -62,17 +64,18 @@ def main() -> None:
 
     t0 = time.perf_counter()
     result = tta_bench.run(task, method, Protocol(lrs=lrs, threshold=args.threshold),
-                           RunOptions(limit=args.limit, progress=False))
+                           RunOptions(limit=args.limit, progress=False, device=args.device))
     engine_s = time.perf_counter() - t0  # includes model loading, like the naive side below
     t0 = time.perf_counter()
-    model = task.load_model().eval()
-    naive_preds, naive_s = naive(task, model, method, lrs, args.threshold, 1.0, args.limit)
+    device = resolve_device(args.device)
+    model = task.load_model().to(device).eval()
+    naive_preds, naive_s = naive(task, model, method, lrs, args.threshold, 1.0, args.limit, device)
     naive_s += time.perf_counter() - t0 - naive_s
     engine_preds = {(r.index, r.lr): r.pred for r in result.rows.itertuples()}
     agree = engine_preds == naive_preds
     n_unc = result.summary[0]["n_uncertain"]
     print(f"{task.name} · {method!r} · {len(lrs)} lr · {args.limit} samples · {n_unc} uncertain · "
-          f"threads {torch.get_num_threads()} · torch {torch.__version__}")
+          f"{result.metadata['device_name']} · threads {torch.get_num_threads()} · torch {torch.__version__}")
     print(tabulate([["naive loop", naive_s, args.limit / naive_s, 1.0],
                     ["engine", engine_s, args.limit / engine_s, naive_s / engine_s]],
                    headers=["", "seconds", "samples/s", "speed-up"], floatfmt=".2f"))
