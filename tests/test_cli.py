@@ -44,9 +44,9 @@ def test_bad_input_is_one_line_exit_2(capsys, argv, message, monkeypatch):
     assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
 
 
-def test_console_script_error_has_no_traceback():
+def test_console_script_error_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tta_bench.cli", "run", "--method", "nope"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=tmp_path)  # the installed package
     assert proc.returncode == 2
     assert proc.stderr.startswith("tta-bench: error: unknown method") and "Traceback" not in proc.stderr
 

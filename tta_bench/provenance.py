@@ -47,6 +47,12 @@ def environment(device: torch.device) -> dict:
                         else platform.processor() or platform.machine()),
         "threads": torch.get_num_threads(),
         "allocator": "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "default",
+        "numerics": {  # batched vs single-sample kernels can round differently with these on
+            "cudnn_deterministic": torch.backends.cudnn.deterministic,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        },
         "command": sys.argv,
     }
     return env
