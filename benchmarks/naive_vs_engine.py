@@ -18,7 +18,7 @@ from tabulate import tabulate
 
 import tta_bench
 from tta_bench import PAPER_LR_GRID, Protocol, RunOptions
-from tta_bench.runner import resolve_device
+from tta_bench.runner import cuda_precision, resolve_device
 
 
 def naive(task, model, method, lrs, threshold, clip, limit, device):
@@ -70,8 +70,9 @@ def main() -> None:
     t0 = time.perf_counter()
     device = resolve_device(args.device)
     model = task.load_model().to(device).eval()
-    naive_preds, naive_gates, naive_s = naive(task, model, method, lrs, args.threshold, 1.0, args.limit,
-                                              device)
+    with cuda_precision(False):  # the engine's default numerics
+        naive_preds, naive_gates, naive_s = naive(task, model, method, lrs, args.threshold, 1.0,
+                                                  args.limit, device)
     naive_s += time.perf_counter() - t0 - naive_s
     engine_preds = {(r.index, r.lr): r.pred for r in result.rows.itertuples()}
     agree = engine_preds == naive_preds

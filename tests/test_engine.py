@@ -188,3 +188,10 @@ def test_adapt_api_rejects_wrong_output_shape():
 def test_protocol_rejects_bad_values(kwargs, match):
     with pytest.raises(tta_bench.TTAError, match=match):
         Protocol(**kwargs)
+
+
+def test_runs_in_full_fp32_and_restores_the_flags(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    result = toy_run()
+    assert result.metadata["numerics"]["cudnn_allow_tf32"] is False
+    assert torch.backends.cudnn.allow_tf32 is True

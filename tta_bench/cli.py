@@ -80,6 +80,7 @@ def build_parser() -> Parser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     r.add_argument("--threads", type=int, help="CPU threads for torch (recorded)")
+    r.add_argument("--tf32", action="store_true", help="allow TF32 on CUDA (faster, less exact; recorded)")
     r.add_argument("--out", type=Path, help="output folder (default runs/TASK-METHOD-TIME)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     group = r.add_argument_group("task options (each applies to the tasks named in its help)")
@@ -104,7 +105,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                         steps=args.steps, clip=args.clip, optimizer=args.optimizer,
                         momentum=args.momentum, weight_decay=args.weight_decay)
     options = RunOptions(limit=args.limit, max_uncertain=args.max_uncertain, batch_size=args.batch_size,
-                         seed=args.seed, device=args.device, progress=not args.no_progress)
+                         seed=args.seed, device=args.device, tf32=args.tf32,
+                         progress=not args.no_progress)
     out = args.out or Path("runs") / f"{task.name}-{method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_writable(out)
     result = run(task, method, protocol, options)
