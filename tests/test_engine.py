@@ -195,3 +195,20 @@ def test_runs_in_full_fp32_and_restores_the_flags(monkeypatch):
     result = toy_run()
     assert result.metadata["numerics"]["cudnn_allow_tf32"] is False
     assert torch.backends.cudnn.allow_tf32 is True
+
+
+class DivergesLater(Method):
+    """Finite at θ0; from the second step on the loss is NaN once the weights moved far."""
+    name = "diverges-later"
+
+    def loss(self, step):
+        z = step.logits
+        return -z[step.source.pred] * (1.0 if z.abs().max() < 50 else float("nan"))
+
+
+def test_per_lr_divergence_marks_only_that_learning_rate():
+    result = toy_run(DivergesLater(), lrs=(1e-3, 1e3), steps=2, clip=None)
+    unc = result.rows[result.rows.uncertain]
+    small, big = unc[unc.lr == 1e-3], unc[unc.lr == 1e3]
+    assert not small.nonfinite.any() and small.updated.all()
+    assert big.nonfinite.all() and (big.pred == -1).all()

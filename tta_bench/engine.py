@@ -3,7 +3,7 @@ clipping, prediction, timing and recording for every method."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -162,7 +162,8 @@ class Adapter:
             out.nonfinite = True
             return out
         out.updated = True
-        pairs = [(p, s) for p, s in zip(self.params, self.params_snapshot.saved, strict=True) if p.grad is not None]
+        pairs = [(p, s) for p, s in zip(self.params, self.params_snapshot.saved, strict=True)
+                 if p.grad is not None]
         live, saved = [p for p, _ in pairs], [s for _, s in pairs]
         grads = [p.grad for p in live]
         with torch.no_grad():
@@ -183,6 +184,7 @@ class Adapter:
             if k:
                 self.snapshot.restore()
             optimizer = self.protocol.make_optimizer(self.params, lr)
+            diverged = False
             for t in range(self.protocol.steps):
                 step, loss = self._step(inputs, source, out)
                 if loss is None:
@@ -191,17 +193,21 @@ class Adapter:
                     source = step.source
                 norm = self._backward(loss)
                 out.backwards += 1
-                if t == 0 and k == 0:
+                if k == t == 0:
                     out.loss, out.grad_norm = float(loss.detach()), norm
                 if not (math.isfinite(float(loss.detach())) and math.isfinite(norm)):
-                    out.nonfinite, out.updated = True, False
-                    return out
+                    diverged = True
+                    break
                 out.updated = True
                 optimizer.step()
-            if not out.updated:  # the method declined at θ0: the same for every lr
+            if k == 0 and not out.updated:  # declined or non-finite at θ0: so for every lr
+                out.nonfinite = diverged
                 return out
-            out.logits[k] = self._forward(inputs)
-            out.forwards += 1
+            if diverged:  # a later step of this lr blew up: only this lr counts as non-finite
+                out.logits[k] = torch.full_like(source.logits, float("nan"))
+            else:
+                out.logits[k] = self._forward(inputs)
+                out.forwards += 1
         return out
 
 
@@ -215,7 +221,6 @@ class AdaptResult:
     updated: bool
     loss: float = float("nan")
     nonfinite: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def adapt(model: nn.Module, inputs: Any, method: Method | str, *, threshold: float | None = 0.16,
