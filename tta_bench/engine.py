@@ -115,12 +115,15 @@ class Adapter:
             p.requires_grad_(flag)
             p.grad = None
 
+    @property
+    def one_gradient(self) -> bool:
+        return self.protocol.one_gradient and not self.method.custom_update
+
     def adapt(self, inputs: Any) -> Adaptation:
         """Adapt on `inputs` (batch of one) for every learning rate; restores θ0 afterwards."""
         try:
-            if self.protocol.one_gradient:
-                return self._sweep(inputs)
-            return self._per_lr(inputs)
+            with torch.enable_grad(), self.method.adaptation_mode(self.model):
+                return self._sweep(inputs) if self.one_gradient else self._per_lr(inputs)
         finally:
             for p in self.params:
                 p.grad = None
@@ -136,29 +139,23 @@ class Adapter:
             p.grad = None
         loss.backward()
         grads = [p for p in self.params if p.grad is not None]
+        if not grads:
+            return 0.0
         if self.protocol.clip is None:
-            return float(torch.nn.utils.get_total_norm([p.grad for p in grads])) if grads else 0.0
-        return float(torch.nn.utils.clip_grad_norm_(grads, self.protocol.clip)) if grads else 0.0
-
-    def _step(self, inputs: Any, source: Source | None, out: Adaptation) -> tuple[Step, Tensor | None]:
-        def count() -> None:
-            out.forwards += 1
-        step = Step(self.model, inputs, self.class_logits, source, count)
-        with torch.enable_grad():
-            loss = self.method.loss(step)
-        return step, loss
+            return float(torch.nn.utils.get_total_norm([p.grad for p in grads]))
+        return float(torch.nn.utils.clip_grad_norm_(grads, self.protocol.clip))
 
     def _sweep(self, inputs: Any) -> Adaptation:
         """One backward at θ0, then θ0 − η·g and a forward for each η (exact for plain SGD)."""
         lrs = self.protocol.lrs
         out = Adaptation(logits=[None] * len(lrs))
-        _, loss = self._step(inputs, None, out)
+        u = Updater(self, inputs, None, None, out)
+        loss = self.method.loss(u.step())
         if loss is None:
             return out
-        out.loss = float(loss.detach())
-        out.grad_norm = self._backward(loss)
-        out.backwards += 1
-        if not (math.isfinite(out.loss) and math.isfinite(out.grad_norm)):
+        try:
+            u.backward(loss)
+        except Diverged:
             out.nonfinite = True
             return out
         out.updated = True
@@ -176,30 +173,24 @@ class Adapter:
         return out
 
     def _per_lr(self, inputs: Any) -> Adaptation:
-        """A full adaptation per learning rate (T steps, momentum, Adam, weight decay)."""
+        """A full adaptation per learning rate (T steps, momentum, Adam, weight decay, or a
+        method's own update such as SAR's)."""
         lrs = self.protocol.lrs
         out = Adaptation(logits=[None] * len(lrs))
         source: Source | None = None
         for k, lr in enumerate(lrs):
             if k:
                 self.snapshot.restore()
-            optimizer = self.protocol.make_optimizer(self.params, lr)
+            u = Updater(self, inputs, self.protocol.make_optimizer(self.params, lr), source, out)
             diverged = False
-            for t in range(self.protocol.steps):
-                step, loss = self._step(inputs, source, out)
-                if loss is None:
-                    break
-                if source is None:
-                    source = step.source
-                norm = self._backward(loss)
-                out.backwards += 1
-                if k == t == 0:
-                    out.loss, out.grad_norm = float(loss.detach()), norm
-                if not (math.isfinite(float(loss.detach())) and math.isfinite(norm)):
-                    diverged = True
-                    break
-                out.updated = True
-                optimizer.step()
+            try:
+                for _ in range(self.protocol.steps):
+                    if not self.method.update(u):
+                        break
+                    out.updated = True
+            except Diverged:
+                diverged = True
+            source = u.source
             if k == 0 and not out.updated:  # declined or non-finite at θ0: so for every lr
                 out.nonfinite = diverged
                 return out
@@ -209,6 +200,64 @@ class Adapter:
                 out.logits[k] = self._forward(inputs)
                 out.forwards += 1
         return out
+
+
+class Diverged(Exception):
+    """A non-finite loss or gradient norm during an update."""
+
+
+class Updater:
+    """What a method's `update` works with for one sample and learning rate: steps at the current
+    weights, the engine's backward (with clipping) and its optimizer step."""
+
+    def __init__(self, adapter: Adapter, inputs: Any, optimizer: torch.optim.Optimizer | None,
+                 source: Source | None, out: Adaptation):
+        self.adapter, self.inputs, self.optimizer, self.out = adapter, inputs, optimizer, out
+        self._source = source
+        self._first: Step | None = None
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return self.adapter.params
+
+    @property
+    def source(self) -> Source | None:
+        """The θ0 prediction (from the first step's forward unless given)."""
+        if self._source is None and self._first is not None:
+            self._source = self._first.source
+        return self._source
+
+    def step(self) -> Step:
+        """A fresh view of the sample at the current weights (its forward runs on first use)."""
+        def count() -> None:
+            self.out.forwards += 1
+        step = Step(self.adapter.model, self.inputs, self.adapter.class_logits, self.source, count)
+        self._first = self._first or step
+        return step
+
+    def backward(self, loss: Tensor) -> float:
+        """Gradients of `loss` into `.grad` of the adapted parameters, clipped; the norm before
+        clipping. Raises Diverged (caught by the engine) if the loss or the norm is not finite."""
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            self._record(value, float("nan"))
+            raise Diverged
+        norm = self.adapter._backward(loss)
+        self.out.backwards += 1
+        self._record(value, norm)
+        if not math.isfinite(norm):
+            raise Diverged
+        return norm
+
+    def apply(self) -> None:
+        """The optimizer step (SGD by default) with the current `.grad`."""
+        if self.optimizer is None:
+            raise RuntimeError("apply() is not available in the one-gradient sweep")
+        self.optimizer.step()
+
+    def _record(self, loss: float, norm: float) -> None:
+        if self.out.backwards <= 1:  # the first backward: the loss at θ0
+            self.out.loss, self.out.grad_norm = loss, norm
 
 
 @dataclass
@@ -244,6 +293,7 @@ def adapt(model: nn.Module, inputs: Any, method: Method | str, *, threshold: flo
             raise TTAError(f"model(inputs) must return logits of shape [1, C], got "
                            f"{tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}")
         source = Source(z[0])
+        threshold = method.gate_threshold(threshold)
         uncertain = threshold is None or source.delta < threshold
         if not (uncertain and method.adapts):
             return AdaptResult(z[0], z[0], uncertain, False)

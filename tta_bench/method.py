@@ -1,6 +1,7 @@
 """What a method is: a loss, a parameter set and (rarely) its own update; the engine does the rest."""
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from functools import cached_property
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
@@ -12,6 +13,7 @@ from .errors import TTAError
 from .hparams import HParam, resolve
 
 if TYPE_CHECKING:
+    from .engine import Updater
     from .task import Task
 
 ClassLogits = Callable[[nn.Module, Any], Tensor]  # (model, inputs) -> [B, C] class logits
@@ -92,6 +94,31 @@ class Method:
 
     def loss(self, step: Step) -> Tensor | None:
         raise NotImplementedError(f"method {self.name} must implement loss(step)")
+
+    def update(self, u: Updater) -> bool:
+        """One step at the current weights; False if the method declines (no update).
+        Override only when the update is not a plain gradient step on `loss` (e.g. SAR)."""
+        loss = self.loss(u.step())
+        if loss is None:
+            return False
+        u.backward(loss)
+        u.apply()
+        return True
+
+    @property
+    def custom_update(self) -> bool:
+        """True if the method has its own update: the one-gradient lr sweep does not apply."""
+        return type(self).update is not Method.update
+
+    def adaptation_mode(self, model: nn.Module) -> AbstractContextManager:
+        """Context for the adaptation and prediction forwards (default: none; Tent's
+        norm_stats=sample uses it). The source forward and gate never run inside it."""
+        return nullcontext()
+
+    def gate_threshold(self, threshold: float | None) -> float | None:
+        """The Δ1,2 threshold deciding which samples are adapted and scored (default: the
+        shared one; PASLE gate=own substitutes its own margin)."""
+        return threshold
 
     def supports(self, task: Task) -> None:
         """Raise TTAError if this method cannot run on `task` (checked before any work)."""

@@ -185,6 +185,7 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions) ->
     model = task.load_model().to(device).eval()
     adapter = Adapter(model, method, task.class_logits, protocol) if method.adapts else None
     recorder = Recorder(protocol.lrs)
+    threshold = method.gate_threshold(protocol.threshold)
     n_seen = n_uncertain = 0
     total = task.num_samples()
     if options.limit is not None:
@@ -196,7 +197,7 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions) ->
         with adapter if adapter is not None else nullcontext():
             for s in scored:
                 t0 = perf_counter()
-                uncertain = protocol.threshold is None or s.delta < protocol.threshold
+                uncertain = threshold is None or s.delta < threshold
                 adaptation = adapter.adapt(s.inputs) if uncertain and adapter else None
                 recorder.add(s, uncertain, adaptation, perf_counter() - t0 + s.seconds)
                 n_seen += 1
@@ -216,7 +217,8 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions) ->
     config = {
         "task": task.name, "task_options": task.config, "method": method.name,
         "hparams": method.config, "protocol": asdict(protocol), "options": asdict(options),
-        "sweep": "one-gradient" if protocol.one_gradient else "per-lr",
+        "sweep": "one-gradient" if (adapter.one_gradient if adapter else protocol.one_gradient) else "per-lr",
+        "gate_threshold": threshold,
         "adapted_parameters": sum(p.numel() for p in adapter.params) if adapter else 0,
     }
     metadata = {**environment(device), "task": task.metadata()}
