@@ -117,7 +117,7 @@ class Adapter:
 
     @property
     def one_gradient(self) -> bool:
-        return self.protocol.one_gradient and not self.method.custom_update
+        return self.protocol.one_gradient and self.method.sweepable
 
     def adapt(self, inputs: Any) -> Adaptation:
         """Adapt on `inputs` (batch of one) for every learning rate; restores θ0 afterwards."""
@@ -146,18 +146,20 @@ class Adapter:
         return float(torch.nn.utils.clip_grad_norm_(grads, self.protocol.clip))
 
     def _sweep(self, inputs: Any) -> Adaptation:
-        """One backward at θ0, then θ0 − η·g and a forward for each η (exact for plain SGD)."""
+        """The method's update runs once and its step is captured instead of applied; then
+        θ0 − η·g and a forward for each η (exact for one plain SGD step)."""
         lrs = self.protocol.lrs
         out = Adaptation(logits=[None] * len(lrs))
         u = Updater(self, inputs, None, None, out)
-        loss = self.method.loss(u.step())
-        if loss is None:
-            return out
         try:
-            u.backward(loss)
+            if not self.method.update(u):
+                return out
         except Diverged:
             out.nonfinite = True
             return out
+        if u.applied != 1:
+            raise RuntimeError(f"method {self.method.name} applied {u.applied} steps in one update; "
+                               "set `sweepable = False` on it")
         out.updated = True
         pairs = [(p, s) for p, s in zip(self.params, self.params_snapshot.saved, strict=True)
                  if p.grad is not None]
@@ -213,6 +215,7 @@ class Updater:
     def __init__(self, adapter: Adapter, inputs: Any, optimizer: torch.optim.Optimizer | None,
                  source: Source | None, out: Adaptation):
         self.adapter, self.inputs, self.optimizer, self.out = adapter, inputs, optimizer, out
+        self.applied = 0  # optimizer steps taken (captured, in the one-gradient sweep)
         self._source = source
         self._first: Step | None = None
 
@@ -250,10 +253,11 @@ class Updater:
         return norm
 
     def apply(self) -> None:
-        """The optimizer step (SGD by default) with the current `.grad`."""
-        if self.optimizer is None:
-            raise RuntimeError("apply() is not available in the one-gradient sweep")
-        self.optimizer.step()
+        """The optimizer step (SGD by default) with the current `.grad`; in the one-gradient
+        sweep the gradient is kept and the engine applies θ0 − η·g for every η itself."""
+        self.applied += 1
+        if self.optimizer is not None:
+            self.optimizer.step()
 
     def _record(self, loss: float, norm: float) -> None:
         if self.out.backwards <= 1:  # the first backward: the loss at θ0

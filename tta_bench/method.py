@@ -87,6 +87,7 @@ class Method:
     def __init__(self, **hparams: Any):
         self.config = resolve(f"method {self.name}", self.hparams, hparams)
         self.hp = SimpleNamespace(**self.config)
+        self.resolved: dict[str, Any] = {}  # values fixed at run time (e.g. SAR's E0), recorded
 
     def parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """Named parameters this method adapts (default: all)."""
@@ -97,7 +98,8 @@ class Method:
 
     def update(self, u: Updater) -> bool:
         """One step at the current weights; False if the method declines (no update).
-        Override only when the update is not a plain gradient step on `loss` (e.g. SAR)."""
+        Override only when the update is not a plain gradient step on `loss` (e.g. SAR); end it
+        with one `u.apply()` at θ0, or set `sweepable = False`."""
         loss = self.loss(u.step())
         if loss is None:
             return False
@@ -105,10 +107,9 @@ class Method:
         u.apply()
         return True
 
-    @property
-    def custom_update(self) -> bool:
-        """True if the method has its own update: the one-gradient lr sweep does not apply."""
-        return type(self).update is not Method.update
+    # One update = one optimizer step at θ0 with a gradient that does not depend on the learning
+    # rate (true of plain losses and of SAR): one update then serves a whole lr sweep.
+    sweepable: ClassVar[bool] = True
 
     def adaptation_mode(self, model: nn.Module) -> AbstractContextManager:
         """Context for the adaptation and prediction forwards (default: none; Tent's

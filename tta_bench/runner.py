@@ -216,10 +216,19 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions) ->
     rows = recorder.frame()
     config = {
         "task": task.name, "task_options": task.config, "method": method.name,
-        "hparams": method.config, "protocol": asdict(protocol), "options": asdict(options),
+        "hparams": method.config, "resolved": method.resolved, "protocol": asdict(protocol),
+        "options": asdict(options),
         "sweep": "one-gradient" if (adapter.one_gradient if adapter else protocol.one_gradient) else "per-lr",
         "gate_threshold": threshold,
         "adapted_parameters": sum(p.numel() for p in adapter.params) if adapter else 0,
+        "adapted_parameter_names": _names(adapter, model),
     }
     metadata = {**environment(device), "task": task.metadata()}
     return RunResult(rows, summarize(rows, wall) if len(rows) else [], config, metadata, interrupted)
+
+
+def _names(adapter: Adapter | None, model: torch.nn.Module) -> list[str] | str:
+    """The adapted parameters by name ('all' when every parameter is adapted)."""
+    if adapter is None:
+        return []
+    return "all" if len(adapter.params) == len(list(model.parameters())) else adapter.param_names

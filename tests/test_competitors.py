@@ -1,0 +1,225 @@
+"""Tent, SAR and PASLE against independent step-by-step computations on a small network with
+BatchNorm, GroupNorm and LayerNorm, written functionally here (not with the methods' code)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import tta_bench
+from tta_bench import Protocol, RunOptions, TTAError
+from tta_bench.methods.pasle import Pasle
+from tta_bench.methods.sar import sar_parameters
+
+from conftest import ToyTask, assert_bit_identical, state
+
+NORMS = {"bn.weight", "bn.bias", "gn.weight", "gn.bias", "ln.weight", "ln.bias"}
+
+
+class NormNet(nn.Module):
+    def __init__(self, n_classes: int = 5, scale: float = 1.0, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv1, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.conv2, self.gn = nn.Conv2d(4, 4, 3), nn.GroupNorm(2, 4)
+        self.fc1, self.ln, self.fc2 = nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, n_classes)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.1, 0.1)
+            self.bn.running_var.uniform_(0.5, 1.5)
+            for norm in (self.bn, self.gn, self.ln):
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.uniform_(-0.2, 0.2)
+            self.fc2.weight.mul_(scale)
+        self.eval()
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.conv1(x)))
+        h = F.relu(self.gn(self.conv2(h))).mean((2, 3))
+        return self.fc2(F.relu(self.ln(self.fc1(h))))
+
+
+def manual_forward(model: NormNet, P: dict, x: torch.Tensor, sample_stats: bool = False) -> torch.Tensor:
+    """NormNet's forward written with torch.nn.functional, parameters from P."""
+    h = F.conv2d(x, P["conv1.weight"], P["conv1.bias"])
+    if sample_stats:
+        h = F.batch_norm(h, None, None, P["bn.weight"], P["bn.bias"], training=True, eps=1e-5)
+    else:
+        h = F.batch_norm(h, model.bn.running_mean, model.bn.running_var, P["bn.weight"], P["bn.bias"],
+                         training=False, eps=1e-5)
+    h = F.conv2d(F.relu(h), P["conv2.weight"], P["conv2.bias"])
+    h = F.relu(F.group_norm(h, 2, P["gn.weight"], P["gn.bias"], eps=1e-5)).mean((2, 3))
+    h = F.layer_norm(F.linear(h, P["fc1.weight"], P["fc1.bias"]), (8,), P["ln.weight"], P["ln.bias"], 1e-5)
+    return F.linear(F.relu(h), P["fc2.weight"], P["fc2.bias"])[0]
+
+
+def entropy(z):
+    return -(z.softmax(-1) * z.log_softmax(-1)).sum()
+
+
+def params(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def grad(model, P, names, x, loss_fn, sample_stats=False):
+    theta = {n: P[n].clone().requires_grad_() for n in names}
+    loss = loss_fn(manual_forward(model, {**P, **theta}, x, sample_stats))
+    grads = torch.autograd.grad(loss, list(theta.values()))
+    return loss.detach(), dict(zip(names, grads))
+
+
+def clipped(g: dict, clip=1.0):
+    norm = math.sqrt(sum(float((v**2).sum()) for v in g.values()))
+    return {k: v * min(1.0, clip / (norm + 1e-6)) for k, v in g.items()}
+
+
+def sgd(P, g, lr):
+    return {**P, **{k: P[k] - lr * v for k, v in g.items()}}
+
+
+X = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+
+
+# ---------------------------------------------------------------- Tent
+
+def test_tent_adapts_exactly_the_norm_affine_parameters():
+    model = NormNet()
+    assert set(tta_bench.get_method("tent").parameters(model)) == NORMS
+    with pytest.raises(TTAError, match="tent adapts the affine weight/bias of normalisation layers"):
+        tta_bench.get_method("tent").parameters(nn.Sequential(nn.Linear(3, 2)))
+
+
+@pytest.mark.parametrize("norm_stats", ["source", "sample"])
+def test_tent_step_equals_hand_computation(norm_stats):
+    model, lr = NormNet(), 0.5
+    before = state(model)
+    sample = norm_stats == "sample"
+    P = params(model)
+    _, g = grad(model, P, sorted(NORMS), X, entropy, sample)
+    expected = manual_forward(model, sgd(P, clipped(g), lr), X, sample)
+    res = tta_bench.adapt(model, X, tta_bench.get_method("tent", norm_stats=norm_stats), threshold=None, lr=lr)
+    torch.testing.assert_close(res.source_logits, manual_forward(model, P, X))  # the source is eval mode
+    torch.testing.assert_close(res.adapted_logits, expected, atol=1e-5, rtol=1e-5)
+    assert_bit_identical(model, before)  # running statistics untouched by sample statistics
+    assert not model.bn.training and model.bn.track_running_stats
+
+
+# ---------------------------------------------------------------- SAR
+
+def test_sar_parameter_rules():
+    names, rule = sar_parameters(NormNet())
+    assert set(names) == NORMS - {"ln.weight", "ln.bias"} and "last quarter" in rule
+    resnet = torchvision.models.resnet18(weights=None)
+    names, rule = sar_parameters(resnet)
+    assert rule.startswith("resnet") and not any(n.startswith("layer4") for n in names)
+    assert "bn1.weight" in names and "layer3.1.bn2.bias" in names and len(names) == 2 * 15
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=6, num_heads=2,
+                                               hidden_dim=16, mlp_dim=32)
+    names, rule = sar_parameters(vit)
+    assert rule.startswith("vit")
+    assert {n.split(".")[2] for n in names} == {f"encoder_layer_{i}" for i in range(3)}
+    assert not any(n.startswith("encoder.ln") for n in names)
+
+
+def sar_expected(model, x, lr, e0, rho=0.05):
+    """Filter, ε = ρ·g/‖g‖, second forward at θ+ε, filter, step at θ with the gradient at θ+ε."""
+    P = params(model)
+    names = sorted(NORMS - {"ln.weight", "ln.bias"})
+    h, g = grad(model, P, names, x, entropy)
+    if h >= e0:
+        return None, float(h), None
+    norm = math.sqrt(sum(float((v**2).sum()) for v in g.values()))
+    perturbed = {**P, **{k: P[k] + rho * v / norm for k, v in g.items()}}
+    h2, g2 = grad(model, perturbed, names, x, entropy)
+    if h2 >= e0:
+        return None, float(h), float(h2)
+    return manual_forward(model, sgd(P, clipped(g2), lr), x).detach(), float(h), float(h2)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])  # 0.9: the per-lr path, same first step
+def test_sar_two_pass_step_equals_hand_computation(momentum):
+    model, lr = NormNet(scale=6.0), 0.8
+    before = state(model)
+    e0 = 0.4 * math.log(5)
+    expected, h, h2 = sar_expected(model, X, lr, e0)
+    assert expected is not None, f"the test sample must be reliable (H={h:.3f}, E0={e0:.3f})"
+    method = tta_bench.get_method("sar")
+    res = tta_bench.adapt(model, X, method, threshold=None, lr=lr, momentum=momentum)
+    assert res.updated and method.resolved["e0"] == pytest.approx(e0)
+    torch.testing.assert_close(res.adapted_logits, expected, atol=1e-5, rtol=1e-5)
+    assert_bit_identical(model, before)
+
+
+def test_sar_filter_rejects_a_high_entropy_sample():
+    model = NormNet(scale=0.05)  # near-uniform predictions
+    res = tta_bench.adapt(model, X, "sar", threshold=None, lr=1.0)
+    assert not res.updated and torch.equal(res.adapted_logits, res.source_logits)
+
+
+def test_sar_second_filter_rejects_when_the_perturbed_entropy_is_too_high():
+    model = NormNet(scale=6.0)
+    _, h, h2 = sar_expected(model, X, 0.8, 10.0, rho=0.5)
+    assert h2 > h  # ε points up the entropy
+    res = tta_bench.adapt(model, X, tta_bench.get_method("sar", e0=(h + h2) / 2, rho=0.5), threshold=None, lr=0.8)
+    assert not res.updated
+
+
+# ---------------------------------------------------------------- PASLE
+
+def test_pasle_candidate_set_at_a_hand_picked_probability_vector():
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    assert Pasle.candidates(p, 0.25).tolist() == [True, True, False, False]  # 0.55 > 0.5, 0.4 < 0.5
+    assert Pasle.candidates(p, 0.6).all()
+    assert Pasle.candidates(p, 0.1).tolist() == [True, False, False, False]
+
+
+def logit_model(p: torch.Tensor) -> nn.Module:
+    """A model whose logits are log p (plus a trainable linear term)."""
+    model = nn.Linear(3, len(p))
+    with torch.no_grad():
+        model.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+        model.bias.copy_(p.log())
+    return model
+
+
+def test_pasle_uncertain_step_equals_hand_computation():
+    p = torch.tensor([0.42, 0.35, 0.13, 0.10])
+    model, x, lr, tau, T = logit_model(p), torch.ones(1, 3), 0.7, 0.25, 0.8
+    z = model(x)[0].detach()
+    y = z.softmax(0) + tau > z.softmax(0).max()
+    assert y.tolist() == [True, True, False, False]
+    w = model.weight.detach().clone().requires_grad_()
+    b = model.bias.detach().clone().requires_grad_()
+    zz = (x @ w.T + b)[0] / T
+    loss = -torch.log(zz.softmax(0)[y].sum())
+    gw, gb = torch.autograd.grad(loss, [w, b])
+    g = clipped({"w": gw, "b": gb})
+    expected = x @ (w - lr * g["w"]).T + (b - lr * g["b"])
+    method = tta_bench.get_method("pasle", tau=tau, temperature=T)
+    res = tta_bench.adapt(model, x, method, threshold=None, lr=lr)
+    torch.testing.assert_close(res.adapted_logits, expected[0].detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_pasle_certain_sample_uses_cross_entropy_to_the_source_prediction():
+    p = torch.tensor([0.9, 0.05, 0.03, 0.02])
+    model, x, lr, T = logit_model(p), torch.ones(1, 3), 0.7, 0.8
+    w = model.weight.detach().clone().requires_grad_()
+    b = model.bias.detach().clone().requires_grad_()
+    loss = F.cross_entropy((x @ w.T + b) / T, torch.tensor([0]))
+    gw, gb = torch.autograd.grad(loss, [w, b])
+    g = clipped({"w": gw, "b": gb})
+    expected = (x @ (w - lr * g["w"]).T + (b - lr * g["b"]))[0].detach()
+    res = tta_bench.adapt(model, x, "pasle", threshold=None, lr=lr)
+    torch.testing.assert_close(res.adapted_logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pasle_never_updates_under_the_shared_gate_and_gates_itself_with_own():
+    task, lrs = ToyTask(), (1e-2,)
+    shared = tta_bench.run(task, tta_bench.get_method("pasle"), Protocol(lrs), RunOptions(progress=False))
+    unc = shared.rows[shared.rows.uncertain]
+    assert len(unc) and not unc.updated.any() and (unc.pred == unc.pred_source).all()
+    own = tta_bench.run(task, tta_bench.get_method("pasle", gate="own"), Protocol(lrs), RunOptions(progress=False))
+    assert own.config["gate_threshold"] == 0.6
+    assert (own.rows.uncertain == (own.rows.delta < 0.6)).all() and own.rows.updated.any()
+    assert own.rows.uncertain.sum() > unc.uncertain.sum()
