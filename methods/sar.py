@@ -68,7 +68,7 @@ class SAR(Method):
         e0 = self.hp.e0 if self.hp.e0 is not None else 0.4 * math.log(logits.shape[-1])
         self.resolved["e0"] = e0
         h = entropy(logits)
-        return h if float(h) < e0 else None
+        return h if float(h.detach()) < e0 else None
 
     def update(self, u: Updater) -> bool:
         h = self.reliable(u.step().logits)

@@ -19,6 +19,7 @@ from tta_bench.errors import TTAError
 from tta_bench.hparams import HParam
 from tta_bench.task import Sample, Task
 
+from .augment import augmix_views
 from .cifar10_groups import CIFAR10_GROUPS
 
 DATA_FILE = Path(__file__).parent / "data" / "cifar10-test.npz"
@@ -85,6 +86,9 @@ class Cifar10(Task):
     def class_logits(self, model: nn.Module, inputs: Tensor) -> Tensor:
         z = model(inputs)
         return torch.stack([z[:, list(g)].logsumexp(dim=-1) for g in CIFAR10_GROUPS.values()], dim=-1)
+
+    def augmenter(self):
+        return augmix_views(torch.tensor(128.0), torch.tensor(127.0))
 
     def metadata(self) -> dict:
         return {"data_file": str(self.path), "data_sha256": _sha256(self.path),

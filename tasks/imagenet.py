@@ -16,6 +16,8 @@ from tta_bench.errors import TTAError
 from tta_bench.hparams import HParam
 from tta_bench.task import Sample, Task
 
+from .augment import augmix_views
+
 DATA_ENV = "TTA_BENCH_IMAGENET_DIR"
 SYNSETS_FILE = Path(__file__).parent / "data" / "imagenet_synsets.txt"
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
@@ -119,6 +121,10 @@ class ImageNet(Task):
             with Image.open(path) as img:
                 images.append(self.transforms(img.convert("RGB")))
         return torch.stack(images)
+
+    def augmenter(self):
+        mean, std = torch.tensor(self.transforms.mean), torch.tensor(self.transforms.std)
+        return augmix_views(255.0 * std, 255.0 * mean)
 
     def metadata(self) -> dict:
         return {"model": self.opts.model, "weights": self.opts.weights, "data_dir": str(self.data_dir),

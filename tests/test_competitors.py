@@ -223,3 +223,55 @@ def test_pasle_never_updates_under_the_shared_gate_and_gates_itself_with_own():
     assert own.config["gate_threshold"] == 0.6
     assert (own.rows.uncertain == (own.rows.delta < 0.6)).all() and own.rows.updated.any()
     assert own.rows.uncertain.sum() > unc.uncertain.sum()
+
+
+# ---------------------------------------------------------------- MEMO
+
+def flips(inputs, n):
+    """A deterministic stand-in for AugMix: alternately flipped and dimmed copies."""
+    x = inputs[0]
+    return torch.stack([(x.flip(-1) if b % 2 else x) * (1 - 0.1 * b) for b in range(n)])
+
+
+def test_memo_step_equals_hand_computed_marginal_entropy():
+    model, lr, B = NormNet(scale=3.0), 0.5, 4
+    P = params(model)
+    views = flips(X, B)
+
+    def marginal_entropy(P_):
+        probs = torch.stack([manual_forward(model, P_, v[None]) for v in views]).softmax(-1).mean(0)
+        return -(probs * probs.log()).sum()
+
+    theta = {n: P[n].clone().requires_grad_() for n in P}
+    g = dict(zip(theta, torch.autograd.grad(marginal_entropy({**P, **theta}), list(theta.values()))))
+    expected = manual_forward(model, sgd(P, clipped(g), lr), X)  # predict on the un-augmented input
+    res = tta_bench.adapt(model, X, tta_bench.get_method("memo", views=B), threshold=None, lr=lr,
+                          augment=flips)
+    torch.testing.assert_close(res.adapted_logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_memo_needs_augmentations_and_images():
+    with pytest.raises(TTAError, match="needs augmented views"):
+        tta_bench.adapt(NormNet(), X, "memo", threshold=None)
+
+    class TextTask(ToyTask):
+        name = "toy-text"
+        kind = "text"
+
+    with pytest.raises(TTAError, match="memo does not support text tasks"):
+        tta_bench.get_method("memo").supports(TextTask())
+
+
+def test_cifar10_augmix_views_are_seeded_and_varied():
+    from tta_bench.tasks.cifar10 import Cifar10
+
+    task = Cifar10()
+    x = task.collate([next(task.samples()).raw])
+    make = task.augmenter()
+    torch.manual_seed(3)
+    a = make(x, 4)
+    torch.manual_seed(3)
+    b = make(x, 4)
+    assert a.shape == (4, 3, 224, 224) and torch.equal(a, b)
+    assert not torch.equal(a[0], a[1])
+    assert a.min() >= -127 / 128 - 1e-6 and a.max() <= 1 + 1e-6

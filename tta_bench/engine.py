@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import TTAError
-from .method import ClassLogits, Method, Source, Step
+from .method import Augment, ClassLogits, Method, Source, Step
 
 PAPER_LR_GRID: tuple[float, ...] = tuple(5e-6 * 2**j for j in range(19))  # Listing 1
 OPTIMIZERS = ("sgd", "adam")
@@ -91,8 +91,10 @@ class Adapter:
     Use as a context manager: on entry only the method's parameters require gradients, on exit
     the original flags and weights are back."""
 
-    def __init__(self, model: nn.Module, method: Method, class_logits: ClassLogits, protocol: Protocol):
+    def __init__(self, model: nn.Module, method: Method, class_logits: ClassLogits, protocol: Protocol,
+                 augmenter: Augment | None = None):
         self.model, self.method, self.class_logits, self.protocol = model, method, class_logits, protocol
+        self.augmenter, self._index = augmenter, 0
         named = method.parameters(model)
         if not named:
             raise TTAError(f"method {method.name} found no parameters to adapt in this model")
@@ -119,8 +121,10 @@ class Adapter:
     def one_gradient(self) -> bool:
         return self.protocol.one_gradient and self.method.sweepable
 
-    def adapt(self, inputs: Any) -> Adaptation:
-        """Adapt on `inputs` (batch of one) for every learning rate; restores θ0 afterwards."""
+    def adapt(self, inputs: Any, index: int = 0) -> Adaptation:
+        """Adapt on `inputs` (batch of one; `index` identifies the sample, e.g. to seed its
+        augmentations) for every learning rate; restores θ0 afterwards."""
+        self._index = index
         try:
             with torch.enable_grad(), self.method.adaptation_mode(self.model):
                 return self._sweep(inputs) if self.one_gradient else self._per_lr(inputs)
@@ -234,7 +238,9 @@ class Updater:
         """A fresh view of the sample at the current weights (its forward runs on first use)."""
         def count() -> None:
             self.out.forwards += 1
-        step = Step(self.adapter.model, self.inputs, self.adapter.class_logits, self.source, count)
+        a = self.adapter
+        step = Step(a.model, self.inputs, a.class_logits, self.source, count, augmenter=a.augmenter,
+                    index=a._index)
         self._first = self._first or step
         return step
 
@@ -278,10 +284,11 @@ class AdaptResult:
 
 def adapt(model: nn.Module, inputs: Any, method: Method | str, *, threshold: float | None = 0.16,
           steps: int = 1, clip: float | None = 1.0, lr: float | None = None, optimizer: str = "sgd",
-          momentum: float = 0.0, weight_decay: float = 0.0) -> AdaptResult:
+          momentum: float = 0.0, weight_decay: float = 0.0, augment: Augment | None = None) -> AdaptResult:
     """Apply the protocol to one sample: gate, adapt, predict, reset (model bit-identical after).
 
-    `model(inputs)` must return logits of shape [1, C]; the model runs in eval mode."""
+    `model(inputs)` must return logits of shape [1, C]; the model runs in eval mode.
+    `augment(inputs, n)` gives n augmented views, for methods that need them (MEMO)."""
     from .registry import get_method
 
     method = get_method(method) if isinstance(method, str) else method
@@ -301,7 +308,7 @@ def adapt(model: nn.Module, inputs: Any, method: Method | str, *, threshold: flo
         uncertain = threshold is None or source.delta < threshold
         if not (uncertain and method.adapts):
             return AdaptResult(z[0], z[0], uncertain, False)
-        with Adapter(model, method, lambda m, x: m(x), protocol) as adapter:
+        with Adapter(model, method, lambda m, x: m(x), protocol, augment) as adapter:
             out = adapter.adapt(inputs)
         adapted = out.logits[0]
         return AdaptResult(z[0], adapted if adapted is not None else z[0], True, out.updated,

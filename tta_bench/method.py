@@ -49,13 +49,30 @@ class Source:
         return float(top[0] - top[1]) if top.numel() > 1 else 1.0
 
 
+Augment = Callable[[Any, int], Any]  # (inputs of one sample, n) -> inputs of n augmented views
+
+
 class Step:
-    """What a method's loss sees for one sample at the current weights."""
+    """What a method's loss sees for one sample at the current weights: `logits`, `source`,
+    and for methods that need more, `forward(inputs)`, `augment(n)` and the sample's `index`."""
 
     def __init__(self, model: nn.Module, inputs: Any, class_logits: ClassLogits,
-                 source: Source | None = None, count_forward: Callable[[], None] = lambda: None):
-        self.model, self.inputs, self._source = model, inputs, source
-        self._class_logits, self._count_forward = class_logits, count_forward
+                 source: Source | None = None, count_forward: Callable[[], None] = lambda: None,
+                 *, augmenter: Augment | None = None, index: int = 0):
+        self.model, self.inputs, self._source, self.index = model, inputs, source, index
+        self._class_logits, self._count_forward, self._augmenter = class_logits, count_forward, augmenter
+
+    def forward(self, inputs: Any) -> Tensor:
+        """[B, C] class logits of any inputs at the current weights, with gradient."""
+        self._count_forward()
+        return self._class_logits(self.model, inputs)
+
+    def augment(self, n: int) -> Any:
+        """n augmented views of this sample's inputs (from the task; image tasks only)."""
+        if self._augmenter is None:
+            raise TTAError("this method needs augmented views of the input, and the task (or the "
+                           "`augment` argument of tta_bench.adapt) provides none")
+        return self._augmenter(self.inputs, n)
 
     @cached_property
     def source(self) -> Source:
@@ -65,8 +82,7 @@ class Step:
     @cached_property
     def logits(self) -> Tensor:
         """Class logits [C] at the current weights, with gradient (computed on first use)."""
-        self._count_forward()
-        return self._class_logits(self.model, self.inputs)[0]
+        return self.forward(self.inputs)[0]
 
 
 class Method:

@@ -183,7 +183,7 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions) ->
     torch.manual_seed(options.seed)
     options = replace(options, batch_size=options.batch_size or BATCH_SIZE.get(device.type, 1))
     model = task.load_model().to(device).eval()
-    adapter = Adapter(model, method, task.class_logits, protocol) if method.adapts else None
+    adapter = Adapter(model, method, task.class_logits, protocol, task.augmenter()) if method.adapts else None
     recorder = Recorder(protocol.lrs)
     threshold = method.gate_threshold(protocol.threshold)
     n_seen = n_uncertain = 0
@@ -198,7 +198,7 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions) ->
             for s in scored:
                 t0 = perf_counter()
                 uncertain = threshold is None or s.delta < threshold
-                adaptation = adapter.adapt(s.inputs) if uncertain and adapter else None
+                adaptation = adapter.adapt(s.inputs, s.sample.index) if uncertain and adapter else None
                 recorder.add(s, uncertain, adaptation, perf_counter() - t0 + s.seconds)
                 n_seen += 1
                 n_uncertain += uncertain

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any, ClassVar, Iterator, NamedTuple
+from typing import Any, Callable, ClassVar, Iterator, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +55,10 @@ class Task:
     def class_logits(self, model: nn.Module, inputs: Any) -> Tensor:
         """[B, C] class logits for a batch of inputs."""
         return model(inputs)
+
+    def augmenter(self) -> Callable[[Any, int], Any] | None:
+        """(inputs of one sample, n) -> n augmented views, if the task supports augmentation."""
+        return None
 
     def metadata(self) -> dict[str, Any]:
         """Provenance recorded with every run (data and weights versions, hashes, ...)."""
