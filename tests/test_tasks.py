@@ -117,3 +117,14 @@ def test_imagenet_weights_offline_and_not_cached(tmp_path, monkeypatch):
     with pytest.raises(TTAError, match=r"cannot load resnet18 IMAGENET1K_V1 weights: .*resnet18-f37072fd.pth "
                                        r"is not there and the download failed .*fetch https://"):
         task.load_model()
+
+
+def test_imagenet_augmenter_round_trips_through_pixels(tmp_path):
+    root = make_imagenet_folder(tmp_path / "val", per_class=1)
+    task = tta_bench.get_task("imagenet", model="resnet18", weights="none", data_dir=str(root))
+    x = task.collate([next(task.samples()).raw])
+    views = task.augmenter()(x, 3)
+    assert views.shape == (3, 3, 224, 224)
+    mean, std = torch.tensor(task.transforms.mean)[:, None, None], torch.tensor(task.transforms.std)[:, None, None]
+    pixels = views * std + mean
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
