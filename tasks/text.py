@@ -1,0 +1,192 @@
+"""Pile-style next-token prediction (DESIGN §4): documents tokenized and cut into non-overlapping
+windows of `window` tokens; input = the first window−1 tokens, label = the last. Class logits are
+the vocabulary logits at the last input position."""
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import itertools
+import json
+import sysconfig
+from functools import cached_property
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from tta_bench.errors import TTAError
+from tta_bench.hparams import HParam
+from tta_bench.task import Sample, Task
+
+from .lm import EMBEDDED, LanguageModel, last_token_logits, load_language_model, offline
+
+SHAKESPEARE = Path(__file__).parent / "data" / "text" / "shakespeare.jsonl.gz"
+# The paper's corpora on the Hugging Face hub: (dataset id, config, text field)
+HUB_CORPORA = {
+    "openwebtext": ("Skylion007/openwebtext", None, "text"),
+    "legal-contracts": ("albertvillanova/legal_contracts", None, "text"),
+    "arxiv-10": ("effectiveML/ArXiv-10", None, "abstract"),
+    "bookcorpus": ("rojagtap/bookcorpus", None, "text"),
+    "cnn-dailymail": ("abisee/cnn_dailymail", "3.0.0", "article"),
+    "simple-wikipedia": ("wikimedia/wikipedia", "20231101.simple", "text"),
+    "pile-uncopyrighted": ("monology/pile-uncopyrighted", None, "text"),
+}
+EMBEDDED_CORPORA = ("shakespeare", "python-stdlib", "licenses")
+
+
+def shakespeare() -> Iterator[tuple[str, str]]:
+    """42 plays (Project Gutenberg texts, public domain), in the file's order."""
+    with gzip.open(SHAKESPEARE, "rt", encoding="utf-8") as f:
+        for line in f:
+            play = json.loads(line)
+            yield play["title"], play["text"]
+
+
+def python_stdlib() -> Iterator[tuple[str, str]]:
+    """The running interpreter's standard-library sources (code), sorted by path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        if "site-packages" not in path.parts:
+            yield str(path.relative_to(root)), path.read_text(encoding="utf-8", errors="replace")
+
+
+def licenses() -> Iterator[tuple[str, str]]:
+    """Licence texts on this machine (legal): Debian's common licences and the licence files of
+    installed Python packages, sorted by path (the set depends on the machine: it is hashed)."""
+    paths = sorted(glob.glob("/usr/share/common-licenses/*"))
+    for site in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
+        paths += sorted(glob.glob(f"{site}/*.dist-info/LICENSE*") + glob.glob(f"{site}/*.dist-info/licenses/*"))
+    for path in paths:
+        if Path(path).is_file():
+            yield path, Path(path).read_text(encoding="utf-8", errors="replace")
+
+
+def local_files(files: list[str], field: str) -> Iterator[tuple[str, str]]:
+    """.txt files (one document each), .jsonl/.json/.parquet (one document per record)."""
+    paths = [Path(name).expanduser() for name in files]
+    for path in paths:  # checked now, not when the scan reaches the file
+        if not path.is_file():
+            raise TTAError(f"data file {path} does not exist (--data-files takes comma-separated paths)")
+        if path.suffix not in (".txt", ".jsonl", ".json", ".parquet"):
+            raise TTAError(f"unsupported data file {path.name}: use .txt, .jsonl, .json or .parquet")
+    return _read_files(paths, field)
+
+
+def _read_files(paths: list[Path], field: str) -> Iterator[tuple[str, str]]:
+    import datasets
+
+    for path in paths:
+        if path.suffix == ".txt":
+            yield str(path), path.read_text(encoding="utf-8", errors="replace")
+            continue
+        kind = "parquet" if path.suffix == ".parquet" else "json"
+        yield from _records(iter(datasets.load_dataset(kind, data_files=str(path), split="train")), field, str(path))
+
+
+def hub_corpus(dataset_id: str, config: str | None, field: str, split: str) -> Iterator[tuple[str, str]]:
+    """Streams when online (only what the scan needs); offline, only a cached copy can serve."""
+    import datasets
+
+    try:
+        records = iter(datasets.load_dataset(dataset_id, config, split=split, streaming=not offline()))
+        first = next(records, None)
+    except Exception as err:  # datasets raises many types (ConnectionError, FileNotFoundError, ...)
+        raise TTAError(f"corpus {dataset_id} ({config or 'default'}, {split}) is not available locally "
+                       f"and cannot be downloaded ({str(err).strip().splitlines()[0][:160]}); download it "
+                       "where there is internet and set HF_HOME, or pass local files with --data-files") from None
+    return _records(itertools.chain([first] if first is not None else [], records), field, dataset_id)
+
+
+def _records(records: Iterator[dict], field: str, name: str) -> Iterator[tuple[str, str]]:
+    for i, record in enumerate(records):
+        yield from _field(record, field, f"{name}#{i}")
+
+
+def _field(record: dict, field: str, name: str) -> Iterator[tuple[str, str]]:
+    if field not in record:
+        raise TTAError(f"{name} has no field {field!r} (fields: {', '.join(record)}); pass --text-field")
+    if record[field]:
+        yield name, record[field]
+
+
+def windows(ids: list[int], size: int) -> Iterator[list[int]]:
+    """Non-overlapping windows of `size` tokens; a shorter remainder is dropped."""
+    for start in range(0, len(ids) - size + 1, size):
+        yield ids[start:start + size]
+
+
+class Text(Task):
+    name = "text"
+    kind = "text"
+    description = "next-token prediction on 128-token windows (Pile-style) with a causal LM"
+    options = {
+        "model": HParam(EMBEDDED, str, "HF causal LM: hub id, local folder, or the embedded default"),
+        "corpus": HParam("shakespeare", str, "shakespeare | python-stdlib | licenses | "
+                         + " | ".join(HUB_CORPORA) + " | any hub dataset id | files (with --data-files)"),
+        "data_files": HParam(None, str, "comma-separated .txt/.jsonl/.json/.parquet files", nullable=True),
+        "text_field": HParam(None, str, "record field holding the text (default: text)", nullable=True),
+        "corpus_config": HParam(None, str, "hub dataset config", nullable=True),
+        "split": HParam("train", str, "hub dataset split"),
+        "window": HParam(128, int, "tokens per window (input = window − 1)", check=lambda n: n >= 2,
+                         check_msg="must be >= 2"),
+        "dtype": HParam("float32", str, "model weights dtype", choices=("float32", "bfloat16")),
+        "trust_remote_code": HParam(False, bool, "allow model code from the hub"),
+    }
+
+    @classmethod
+    def models(cls) -> list[str]:
+        return [EMBEDDED, "gpt2", "meta-llama/Llama-3.2-1B", "Qwen/Qwen2.5-1.5B", "google/gemma-3-1b-pt",
+                "stabilityai/stablelm-2-1_6b", "tensoropera/Fox-1-1.6B", "(any HF causal LM id or folder)"]
+
+    @classmethod
+    def corpora(cls) -> list[str]:
+        return list(EMBEDDED_CORPORA) + [f"{k} ({v[0]})" for k, v in HUB_CORPORA.items()]
+
+    @cached_property
+    def lm(self) -> LanguageModel:
+        return load_language_model(self.opts.model, dtype=self.opts.dtype,
+                                   trust_remote_code=self.opts.trust_remote_code)
+
+    def documents(self) -> Iterator[tuple[str, str]]:
+        o = self.opts
+        if o.data_files:
+            return local_files(o.data_files.split(","), o.text_field or "text")
+        if o.corpus == "shakespeare":
+            return shakespeare()
+        if o.corpus == "python-stdlib":
+            return python_stdlib()
+        if o.corpus == "licenses":
+            return licenses()
+        dataset_id, config, field = HUB_CORPORA.get(o.corpus, (o.corpus, None, "text"))
+        if "/" not in dataset_id:
+            raise TTAError(f"unknown corpus {o.corpus!r}; choose one of: {', '.join(self.corpora())}, "
+                           "a hub dataset id (owner/name), or --data-files")
+        return hub_corpus(dataset_id, o.corpus_config or config, o.text_field or field, o.split)
+
+    def check(self) -> None:
+        self.documents()  # unknown corpus names fail here, before the model loads
+
+    def load_model(self) -> nn.Module:
+        return self.lm.model
+
+    def samples(self) -> Iterator[Sample]:
+        tokenizer, size, index = self.lm.tokenizer, self.opts.window, 0
+        digest = hashlib.sha256()
+        self.n_documents = 0
+        for name, text in self.documents():
+            digest.update(name.encode() + b"\0" + text.encode())
+            self.n_documents += 1
+            self.corpus_sha256 = digest.hexdigest()
+            for w in windows(tokenizer(text, add_special_tokens=False)["input_ids"], size):
+                yield Sample(index, torch.tensor(w[:-1]), w[-1])
+                index += 1
+
+    def class_logits(self, model: nn.Module, inputs: Tensor) -> Tensor:
+        return last_token_logits(model, inputs)
+
+    def metadata(self) -> dict:
+        return {**self.lm.info, "corpus": self.opts.data_files or self.opts.corpus, "window": self.opts.window,
+                "documents_read": getattr(self, "n_documents", 0),
+                "corpus_sha256": getattr(self, "corpus_sha256", None)}
