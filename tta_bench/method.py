@@ -67,6 +67,10 @@ class Step:
         self._count_forward()
         return self._class_logits(self.model, inputs)
 
+    def count_forward(self) -> None:
+        """For a method that calls `step.model` itself: count that forward pass."""
+        self._count_forward()
+
     def augment(self, n: int) -> Any:
         """n augmented views of this sample's inputs (from the task; image tasks only)."""
         if self._augmenter is None:

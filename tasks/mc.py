@@ -1,0 +1,205 @@
+"""MMLU-style multiple choice (DESIGN §4, paper Experiment 11): the paper's prompt, the model's
+chat template on or off, class logits = the answer-letter logits at the answer position."""
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from tta_bench.errors import TTAError
+from tta_bench.hparams import HParam
+from tta_bench.task import Sample, Task
+
+from .lm import EMBEDDED, LanguageModel, last_token_logits, load_language_model
+
+TEMPLATE = ("Answer the multiple-choice question. State only the letter ({letters}). "
+            "Question: {question}\n Choices: {options}\n Answer:")
+LETTERS = "ABCDEFGHIJKLMNOP"
+DATA = Path(__file__).parent / "data" / "mc"
+EMBEDDED_DATASETS = ("mmlu-dev", "truthfulqa-mc", "general-knowledge", "physical-intuition")
+
+
+def _letter_index(labels: list[str], key: str) -> int:
+    return labels.index(key)
+
+
+# hub id -> (config, split, adapter record -> {question, choices, answer})
+HUB_DATASETS: dict[str, tuple[str | None, str, Callable[[dict], dict]]] = {
+    "cais/mmlu": ("all", "test", lambda r: dict(question=r["question"], choices=r["choices"], answer=r["answer"])),
+    "allenai/ai2_arc": ("ARC-Challenge", "test", lambda r: dict(
+        question=r["question"], choices=r["choices"]["text"],
+        answer=_letter_index(r["choices"]["label"], r["answerKey"]))),
+    "allenai/openbookqa": ("main", "test", lambda r: dict(
+        question=r["question_stem"], choices=r["choices"]["text"],
+        answer=_letter_index(r["choices"]["label"], r["answerKey"]))),
+    "EleutherAI/truthful_qa_mc": ("multiple_choice", "validation", lambda r: dict(
+        question=r["question"], choices=r["choices"], answer=r["label"])),
+    "allenai/winogrande": ("winogrande_xl", "validation", lambda r: dict(
+        question=r["sentence"], choices=[r["option1"], r["option2"]], answer=int(r["answer"]) - 1)),
+    "Rowan/hellaswag": (None, "validation", lambda r: dict(
+        question=r["ctx"], choices=r["endings"], answer=int(r["label"]))),
+    "tau/commonsense_qa": (None, "validation", lambda r: dict(
+        question=r["question"], choices=r["choices"]["text"],
+        answer=_letter_index(r["choices"]["label"], r["answerKey"]))),
+}
+
+
+def build_prompt(question: str, choices: list[str]) -> str:
+    letters = LETTERS[:len(choices)]
+    options = "\n".join(f"{letter}) {choice}" for letter, choice in zip(letters, choices, strict=True))
+    return TEMPLATE.format(letters=", ".join(letters), question=question, options=options)
+
+
+def shuffled(record: dict, seed: int, index: int) -> dict:
+    """Choices in a fixed random order per (seed, question index); the answer follows."""
+    order = np.random.default_rng([seed, index]).permutation(len(record["choices"]))
+    return {**record, "choices": [record["choices"][i] for i in order],
+            "answer": int(np.flatnonzero(order == record["answer"])[0])}
+
+
+def load_questions(dataset: str, data_files: str | None, split: str | None) -> list[dict]:
+    if data_files:
+        records = []
+        for name in data_files.split(","):
+            path = Path(name).expanduser()
+            if not path.is_file():
+                raise TTAError(f"data file {path} does not exist")
+            text = path.read_text()
+            records += json.loads(text) if path.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
+    elif dataset in EMBEDDED_DATASETS:
+        records = json.loads((DATA / f"{dataset}.json").read_text())
+    elif dataset in HUB_DATASETS:
+        import datasets
+
+        config, default_split, adapt = HUB_DATASETS[dataset]
+        try:
+            rows = datasets.load_dataset(dataset, config, split=split or default_split)
+        except Exception as err:
+            raise TTAError(f"dataset {dataset} is not available locally and cannot be downloaded "
+                           f"({str(err).strip().splitlines()[0][:160]}); download it where there is internet "
+                           "and set HF_HOME, or pass a local json/jsonl with --data-files") from None
+        records = [adapt(r) for r in rows]
+    else:
+        raise TTAError(f"unknown dataset {dataset!r}; choose one of: {', '.join(EMBEDDED_DATASETS + tuple(HUB_DATASETS))}"
+                       ", or pass --data-files with question/choices/answer records")
+    for i, r in enumerate(records):
+        if not {"question", "choices", "answer"} <= set(r) or not 0 <= int(r["answer"]) < len(r["choices"]):
+            raise TTAError(f"{dataset} record {i} needs question, choices and an answer index into choices")
+        if len(r["choices"]) > len(LETTERS):
+            raise TTAError(f"{dataset} record {i} has {len(r['choices'])} choices; at most {len(LETTERS)}")
+    return records
+
+
+class MultipleChoice(Task):
+    name = "mc"
+    kind = "mc"
+    description = "multiple-choice questions (MMLU-style); logits of the answer letters"
+    options = {
+        "model": HParam(EMBEDDED, str, "HF causal LM (instruction-tuned): hub id, folder, or embedded"),
+        "dataset": HParam("mmlu-dev", str, " | ".join(EMBEDDED_DATASETS + tuple(HUB_DATASETS))),
+        "data_files": HParam(None, str, "json/jsonl files with question, choices, answer", nullable=True),
+        "split": HParam(None, str, "hub dataset split (default per dataset)", nullable=True),
+        "chat_template": HParam("auto", str, "use the tokenizer's chat template (auto: if it has one)",
+                                choices=("auto", "on", "off")),
+        "shuffle_seed": HParam(0, int, "seed of the per-question choice shuffle; -1: keep the source order"),
+        "dtype": HParam("float32", str, "model weights dtype", choices=("float32", "bfloat16")),
+        "trust_remote_code": HParam(False, bool, "allow model code from the hub"),
+    }
+
+    @classmethod
+    def models(cls) -> list[str]:
+        return [EMBEDDED, "(any instruction-tuned HF causal LM id or folder)"]
+
+    @classmethod
+    def datasets(cls) -> list[str]:
+        return list(EMBEDDED_DATASETS) + list(HUB_DATASETS)
+
+    @cached_property
+    def questions(self) -> list[dict]:
+        records = load_questions(self.opts.dataset, self.opts.data_files, self.opts.split)
+        if self.opts.shuffle_seed >= 0:
+            records = [shuffled(r, self.opts.shuffle_seed, i) for i, r in enumerate(records)]
+        return records
+
+    @cached_property
+    def lm(self) -> LanguageModel:
+        return load_language_model(self.opts.model, dtype=self.opts.dtype,
+                                   trust_remote_code=self.opts.trust_remote_code)
+
+    @property
+    def use_chat(self) -> bool:
+        has = getattr(self.lm.tokenizer, "chat_template", None) is not None
+        if self.opts.chat_template == "on" and not has:
+            raise TTAError(f"{self.opts.model} has no chat template; pass --chat-template off")
+        return has if self.opts.chat_template == "auto" else self.opts.chat_template == "on"
+
+    @cached_property
+    def letter_ids(self) -> list[int]:
+        """One token per letter: ' A' after 'Answer:' in plain text, 'A' opening an assistant turn."""
+        n = max(len(q["choices"]) for q in self.questions)
+        ids = []
+        for letter in LETTERS[:n]:
+            text = letter if self.use_chat else " " + letter
+            tokens = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(tokens) != 1:
+                raise TTAError(f"the answer letter {text!r} is {len(tokens)} tokens for {self.opts.model}; "
+                               "letters must be single tokens (try --chat-template on/off)")
+            ids.append(tokens[0])
+        if len(set(ids)) != len(ids):
+            raise TTAError(f"answer letters share tokens for {self.opts.model}: {ids}")
+        return ids
+
+    def prompt(self, q: dict) -> str:
+        text = build_prompt(q["question"], q["choices"])
+        if self.use_chat:
+            text = self.lm.tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                         tokenize=False, add_generation_prompt=True)
+        return text
+
+    def check(self) -> None:
+        self.questions
+
+    def load_model(self) -> nn.Module:
+        return self.lm.model
+
+    def num_samples(self) -> int:
+        return len(self.questions)
+
+    def samples(self) -> Iterator[Sample]:
+        self.letter_ids  # checked before the scan
+        for i, q in enumerate(self.questions):
+            ids = self.lm.tokenizer(self.prompt(q), add_special_tokens=False)["input_ids"]
+            yield Sample(i, (torch.tensor(ids), len(q["choices"])), int(q["answer"]))
+
+    def collate(self, raws: list[tuple[Tensor, int]]) -> dict[str, Tensor]:
+        """Left-padded batch; position ids count real tokens only, so padding changes nothing."""
+        width = max(len(ids) for ids, _ in raws)
+        pad = self.lm.tokenizer.pad_token_id
+        pad = pad if pad is not None else 0
+        input_ids = torch.full((len(raws), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(raws), width), dtype=torch.long)
+        for i, (ids, _) in enumerate(raws):
+            input_ids[i, width - len(ids):] = ids
+            mask[i, width - len(ids):] = 1
+        return {"input_ids": input_ids, "attention_mask": mask,
+                "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+                "n_choices": torch.tensor([n for _, n in raws])}
+
+    def class_logits(self, model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+        z = last_token_logits(model, {k: v for k, v in inputs.items() if k != "n_choices"})
+        z = z[:, self.letter_ids]
+        valid = torch.arange(z.shape[-1], device=z.device) < inputs["n_choices"][:, None]
+        return z.masked_fill(~valid, torch.finfo(z.dtype).min / 2)  # absent choices: probability 0
+
+    def metadata(self) -> dict[str, Any]:
+        template = TEMPLATE + (getattr(self.lm.tokenizer, "chat_template", "") or "" if self.use_chat else "")
+        return {**self.lm.info, "dataset": self.opts.data_files or self.opts.dataset,
+                "n_questions": len(self.questions), "chat_template": self.use_chat,
+                "prompt_sha256": hashlib.sha256(template.encode()).hexdigest(),
+                "letter_token_ids": dict(zip(LETTERS, self.letter_ids)), "shuffle_seed": self.opts.shuffle_seed}
