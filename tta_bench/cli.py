@@ -16,7 +16,7 @@ from .registry import get_method, get_task, list_methods, list_tasks, method_cla
 from .runner import RunOptions, run
 
 DEFAULT_TASK, DEFAULT_METHOD = "cifar10", "ifo"
-LR_GRIDS = {"paper": PAPER_LR_GRID}
+LR_GRIDS = {"paper": PAPER_LR_GRID, "llm": PAPER_LR_GRID[9:14]}  # llm: 2.56e-3 … 4.10e-2
 
 
 class Parser(argparse.ArgumentParser):
@@ -44,11 +44,13 @@ def _optional(kind: type):
 
 def _task_options() -> dict[str, str]:
     """Every option any registered task declares -> its help (flags are shared across tasks)."""
-    found: dict[str, str] = {}
+    helps: dict[str, str] = {}
+    tasks: dict[str, list[str]] = {}
     for name in list_tasks():
         for key, spec in task_class(name).options.items():
-            found.setdefault(key, f"{spec.help} [task {name}]" if spec.help else f"[task {name}]")
-    return found
+            helps.setdefault(key, spec.help)
+            tasks.setdefault(key, []).append(name)
+    return {key: f"{helps[key]} [{', '.join(tasks[key])}]".strip() for key in helps}
 
 
 def build_parser() -> Parser:
@@ -63,7 +65,8 @@ def build_parser() -> Parser:
                    help="method hyperparameter, repeatable or comma-separated (e.g. -H weighted=false)")
     lr = r.add_mutually_exclusive_group()
     lr.add_argument("--lr", type=_floats, help="learning rate(s), comma-separated (default: the method's)")
-    lr.add_argument("--lr-grid", choices=sorted(LR_GRIDS), help="paper: 5e-6·2^(j−1), j = 1..19")
+    lr.add_argument("--lr-grid", choices=sorted(LR_GRIDS), help="paper: 5e-6·2^(j−1), j = 1..19; llm: its values 2.56e-3 … 4.10e-2 "
+                    "(the paper's LLM range)")
     r.add_argument("--threshold", type=_optional(float), default=0.16,
                    help="adapt and score samples with Δ1,2 < threshold (default 0.16; none: all)")
     r.add_argument("--gate", choices=("delta", "none"), default="delta",
@@ -88,7 +91,7 @@ def build_parser() -> Parser:
         group.add_argument(f"--{key.replace('_', '-')}", dest=f"task_{key}", default=None, help=help_text)
 
     ls = sub.add_parser("list", help="list methods, tasks or models")
-    ls.add_argument("what", choices=("methods", "tasks", "models"))
+    ls.add_argument("what", choices=("methods", "tasks", "models", "corpora", "datasets"))
     return parser
 
 
@@ -140,9 +143,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     elif args.what == "tasks":
         for name in list_tasks():
             print(f"{name:12} {task_class(name).description}")
-    else:
+    elif args.what == "models":
         for name in list_tasks():
             print(f"{name}: {', '.join(task_class(name).models())}")
+    else:  # corpora (text task) or datasets (mc task)
+        print("\n".join(getattr(task_class("text" if args.what == "corpora" else "mc"), args.what)()))
     return 0
 
 
