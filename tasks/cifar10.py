@@ -48,7 +48,7 @@ class Cifar10(Task):
     kind = "image"
     description = "CIFAR-10 test set (10,000 real images) on EfficientNet-Lite0 (ImageNet-1k weights)"
     options = {
-        "model": HParam("efficientnet-lite0", str, "the ImageNet-1k model", choices=("efficientnet-lite0",)),
+        "model": HParam("efficientnet-lite0", str, "model to load (tta-bench list models)", choices=("efficientnet-lite0",)),
         "data_file": HParam(None, str, "an .npz with `images` uint8 [N,32,32,3] and `labels`", nullable=True),
     }
     classes = tuple(CIFAR10_GROUPS)
