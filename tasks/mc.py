@@ -14,9 +14,9 @@ from torch import Tensor, nn
 
 from tta_bench.errors import TTAError
 from tta_bench.hparams import HParam
-from tta_bench.task import Sample, Task
+from tta_bench.task import Sample
 
-from .lm import EMBEDDED, LanguageModel, last_token_logits, load_language_model
+from .lm import EMBEDDED, LanguageTask, last_token_logits
 
 TEMPLATE = ("Answer the multiple-choice question. State only the letter ({letters}). "
             "Question: {question}\n Choices: {options}\n Answer:")
@@ -96,20 +96,18 @@ def load_questions(dataset: str, data_files: str | None, split: str | None) -> l
     return records
 
 
-class MultipleChoice(Task):
+class MultipleChoice(LanguageTask):
     name = "mc"
     kind = "mc"
     description = "multiple-choice questions (MMLU-style); logits of the answer letters"
     options = {
-        "model": HParam(EMBEDDED, str, "HF causal LM (instruction-tuned): hub id, folder, or embedded"),
+        **LanguageTask.options,
         "dataset": HParam("mmlu-dev", str, " | ".join(EMBEDDED_DATASETS + tuple(HUB_DATASETS))),
         "data_files": HParam(None, str, "json/jsonl files with question, choices, answer", nullable=True),
         "split": HParam(None, str, "hub dataset split (default per dataset)", nullable=True),
         "chat_template": HParam("auto", str, "use the tokenizer's chat template (auto: if it has one)",
                                 choices=("auto", "on", "off")),
         "shuffle_seed": HParam(0, int, "seed of the per-question choice shuffle; -1: keep the source order"),
-        "dtype": HParam("float32", str, "model weights dtype", choices=("float32", "bfloat16")),
-        "trust_remote_code": HParam(False, bool, "allow model code from the hub"),
     }
 
     @classmethod
@@ -126,11 +124,6 @@ class MultipleChoice(Task):
         if self.opts.shuffle_seed >= 0:
             records = [shuffled(r, self.opts.shuffle_seed, i) for i, r in enumerate(records)]
         return records
-
-    @cached_property
-    def lm(self) -> LanguageModel:
-        return load_language_model(self.opts.model, dtype=self.opts.dtype,
-                                   trust_remote_code=self.opts.trust_remote_code)
 
     @property
     def use_chat(self) -> bool:
@@ -164,9 +157,6 @@ class MultipleChoice(Task):
 
     def check(self) -> None:
         self.questions
-
-    def load_model(self) -> nn.Module:
-        return self.lm.model
 
     def num_samples(self) -> int:
         return len(self.questions)

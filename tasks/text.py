@@ -9,7 +9,6 @@ import hashlib
 import itertools
 import json
 import sysconfig
-from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
@@ -18,9 +17,9 @@ from torch import Tensor, nn
 
 from tta_bench.errors import TTAError
 from tta_bench.hparams import HParam
-from tta_bench.task import Sample, Task
+from tta_bench.task import Sample
 
-from .lm import EMBEDDED, LanguageModel, last_token_logits, load_language_model, offline
+from .lm import EMBEDDED, LanguageTask, last_token_logits, offline
 
 SHAKESPEARE = Path(__file__).parent / "data" / "text" / "shakespeare.jsonl.gz"
 # The paper's corpora on the Hugging Face hub: (dataset id, config, text field)
@@ -117,12 +116,12 @@ def windows(ids: list[int], size: int) -> Iterator[list[int]]:
         yield ids[start:start + size]
 
 
-class Text(Task):
+class Text(LanguageTask):
     name = "text"
     kind = "text"
     description = "next-token prediction on 128-token windows (Pile-style) with a causal LM"
     options = {
-        "model": HParam(EMBEDDED, str, "HF causal LM: hub id, local folder, or the embedded default"),
+        **LanguageTask.options,
         "corpus": HParam("shakespeare", str, "shakespeare | python-stdlib | licenses | "
                          + " | ".join(HUB_CORPORA) + " | any hub dataset id | files (with --data-files)"),
         "data_files": HParam(None, str, "comma-separated .txt/.jsonl/.json/.parquet files", nullable=True),
@@ -131,8 +130,6 @@ class Text(Task):
         "split": HParam("train", str, "hub dataset split"),
         "window": HParam(128, int, "tokens per window (input = window − 1)", check=lambda n: n >= 2,
                          check_msg="must be >= 2"),
-        "dtype": HParam("float32", str, "model weights dtype", choices=("float32", "bfloat16")),
-        "trust_remote_code": HParam(False, bool, "allow model code from the hub"),
     }
 
     @classmethod
@@ -143,11 +140,6 @@ class Text(Task):
     @classmethod
     def corpora(cls) -> list[str]:
         return list(EMBEDDED_CORPORA) + [f"{k} ({v[0]})" for k, v in HUB_CORPORA.items()]
-
-    @cached_property
-    def lm(self) -> LanguageModel:
-        return load_language_model(self.opts.model, dtype=self.opts.dtype,
-                                   trust_remote_code=self.opts.trust_remote_code)
 
     def documents(self) -> Iterator[tuple[str, str]]:
         o = self.opts
@@ -167,9 +159,6 @@ class Text(Task):
 
     def check(self) -> None:
         self.documents()  # unknown corpus names fail here, before the model loads
-
-    def load_model(self) -> nn.Module:
-        return self.lm.model
 
     def samples(self) -> Iterator[Sample]:
         tokenizer, size, index = self.lm.tokenizer, self.opts.window, 0
