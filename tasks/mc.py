@@ -162,7 +162,7 @@ class MultipleChoice(LanguageTask):
         return len(self.questions)
 
     def samples(self) -> Iterator[Sample]:
-        self.letter_ids  # checked before the scan
+        _ = self.letter_ids  # checked before the scan
         for i, q in enumerate(self.questions):
             ids = self.lm.tokenizer(self.prompt(q), add_special_tokens=False)["input_ids"]
             yield Sample(i, (torch.tensor(ids), len(q["choices"])), int(q["answer"]))
