@@ -94,7 +94,7 @@ class Adapter:
     def __init__(self, model: nn.Module, method: Method, class_logits: ClassLogits, protocol: Protocol,
                  augmenter: Augment | None = None):
         self.model, self.method, self.class_logits, self.protocol = model, method, class_logits, protocol
-        self.augmenter, self._index = augmenter, 0
+        self.augmenter = augmenter
         named = method.parameters(model)
         if not named:
             raise TTAError(f"method {method.name} found no parameters to adapt in this model")
@@ -124,10 +124,9 @@ class Adapter:
     def adapt(self, inputs: Any, index: int = 0) -> Adaptation:
         """Adapt on `inputs` (batch of one; `index` identifies the sample, e.g. to seed its
         augmentations) for every learning rate; restores θ0 afterwards."""
-        self._index = index
         try:
             with torch.enable_grad(), self.method.adaptation_mode(self.model):
-                return self._sweep(inputs) if self.one_gradient else self._per_lr(inputs)
+                return self._sweep(inputs, index) if self.one_gradient else self._per_lr(inputs, index)
         finally:
             for p in self.params:
                 p.grad = None
@@ -149,12 +148,12 @@ class Adapter:
             return float(torch.nn.utils.get_total_norm([p.grad for p in grads]))
         return float(torch.nn.utils.clip_grad_norm_(grads, self.protocol.clip))
 
-    def _sweep(self, inputs: Any) -> Adaptation:
+    def _sweep(self, inputs: Any, index: int) -> Adaptation:
         """The method's update runs once and its step is captured instead of applied; then
         θ0 − η·g and a forward for each η (exact for one plain SGD step)."""
         lrs = self.protocol.lrs
         out = Adaptation(logits=[None] * len(lrs))
-        u = Updater(self, inputs, None, None, out)
+        u = Updater(self, inputs, index, None, None, out)
         try:
             if not self.method.update(u):
                 return out
@@ -178,7 +177,7 @@ class Adapter:
                 out.forwards += 1
         return out
 
-    def _per_lr(self, inputs: Any) -> Adaptation:
+    def _per_lr(self, inputs: Any, index: int) -> Adaptation:
         """A full adaptation per learning rate (T steps, momentum, Adam, weight decay, or a
         method's own update such as SAR's)."""
         lrs = self.protocol.lrs
@@ -187,7 +186,7 @@ class Adapter:
         for k, lr in enumerate(lrs):
             if k:
                 self.snapshot.restore()
-            u = Updater(self, inputs, self.protocol.make_optimizer(self.params, lr), source, out)
+            u = Updater(self, inputs, index, self.protocol.make_optimizer(self.params, lr), source, out)
             diverged = False
             try:
                 for _ in range(self.protocol.steps):
@@ -216,9 +215,9 @@ class Updater:
     """What a method's `update` works with for one sample and learning rate: steps at the current
     weights, the engine's backward (with clipping) and its optimizer step."""
 
-    def __init__(self, adapter: Adapter, inputs: Any, optimizer: torch.optim.Optimizer | None,
+    def __init__(self, adapter: Adapter, inputs: Any, index: int, optimizer: torch.optim.Optimizer | None,
                  source: Source | None, out: Adaptation):
-        self.adapter, self.inputs, self.optimizer, self.out = adapter, inputs, optimizer, out
+        self.adapter, self.inputs, self.index, self.optimizer, self.out = adapter, inputs, index, optimizer, out
         self.applied = 0  # optimizer steps taken (captured, in the one-gradient sweep)
         self._source = source
         self._first: Step | None = None
@@ -240,7 +239,7 @@ class Updater:
             self.out.forwards += 1
         a = self.adapter
         step = Step(a.model, self.inputs, a.class_logits, self.source, count, augmenter=a.augmenter,
-                    index=a._index)
+                    index=self.index)
         self._first = self._first or step
         return step
 
