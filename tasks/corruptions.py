@@ -5,9 +5,12 @@ torchvision, so images are close to, not byte-identical with, the released CIFAR
 Noise is seeded by the sample's index: every run sees the same corrupted image."""
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
-from torchvision.io import decode_jpeg, encode_jpeg
 from torchvision.transforms.v2.functional import gaussian_blur
 
 SEVERITY = {  # severities 1..5
@@ -22,10 +25,11 @@ CORRUPTIONS = tuple(SEVERITY)
 def corrupt(image: Tensor, name: str, severity: int, seed: int) -> Tensor:
     """image: uint8 [32, 32, 3] -> corrupted uint8 [32, 32, 3]."""
     c = SEVERITY[name][severity - 1]
-    chw = image.permute(2, 0, 1)
-    if name == "jpeg":
-        return decode_jpeg(encode_jpeg(chw.contiguous(), quality=c)).permute(1, 2, 0)
-    x = chw.float() / 255
+    if name == "jpeg":  # Pillow, as CIFAR-10-C's generator
+        buffer = io.BytesIO()
+        Image.fromarray(image.numpy()).save(buffer, "JPEG", quality=c)
+        return torch.from_numpy(np.array(Image.open(buffer)))
+    x = image.permute(2, 0, 1).float() / 255
     if name == "gaussian_noise":
         x = x + c * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
     elif name == "gaussian_blur":

@@ -1,4 +1,6 @@
 import copy
+import os
+import tempfile
 from typing import Iterator
 
 import pytest
@@ -8,6 +10,8 @@ from torch import nn
 from tta_bench import Sample, Task
 
 torch.set_num_threads(1)  # 2 cores: oversubscription makes forward passes ~20x slower
+# Every run logs to MLflow: keep the suite's runs in one throwaway store, never in the checkout.
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp(prefix='tta-bench-tests-')}/mlflow.db"
 
 
 def small_cnn(n_classes: int = 5, seed: int = 0) -> nn.Module:

@@ -128,3 +128,19 @@ def test_imagenet_augmenter_round_trips_through_pixels(tmp_path):
     mean, std = torch.tensor(task.transforms.mean)[:, None, None], torch.tensor(task.transforms.std)[:, None, None]
     pixels = views * std + mean
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+
+
+def test_cifar10_corruptions_are_deterministic_and_graded():
+    from tta_bench.tasks.cifar10 import Cifar10
+    from tta_bench.tasks.corruptions import CORRUPTIONS
+
+    clean = next(Cifar10().samples()).raw.float()
+    for name in CORRUPTIONS:
+        first = [next(Cifar10(corruption=name, severity=s).samples()).raw for s in (1, 5)]
+        again = next(Cifar10(corruption=name, severity=1).samples()).raw
+        assert first[0].dtype == torch.uint8 and first[0].shape == (32, 32, 3)
+        assert torch.equal(first[0], again), name  # the same image in every run
+        change = [(x.float() - clean).abs().mean().item() for x in first]
+        assert 0 < change[0] < change[1], (name, change)  # severity 5 departs further than 1
+    with pytest.raises(TTAError, match="corruption='fog' is not allowed; choose one of: none, gaussian_noise"):
+        Cifar10(corruption="fog")

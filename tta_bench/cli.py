@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import NoReturn, Sequence
 
@@ -13,7 +14,8 @@ from .engine import OPTIMIZERS, PAPER_LR_GRID, Protocol
 from .errors import TTAError
 from .hparams import parse_assignments
 from .registry import get_method, get_task, list_methods, list_tasks, method_class, task_class
-from .runner import RunOptions, run
+from .runner import RunOptions, RunResult, default_out, run
+from .tracking import DEFAULT_EXPERIMENT, Tracker, TrackingUnavailable
 
 DEFAULT_TASK, DEFAULT_METHOD = "cifar10", "ifo"
 LR_GRIDS = {"paper": PAPER_LR_GRID, "llm": PAPER_LR_GRID[9:14]}  # llm: 2.56e-3 … 4.10e-2
@@ -86,13 +88,38 @@ def build_parser() -> Parser:
     r.add_argument("--tf32", action="store_true", help="allow TF32 on CUDA (faster, less exact; recorded)")
     r.add_argument("--out", type=Path, help="output folder (default runs/TASK-METHOD-TIME)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _tracking_flags(r)
+    r.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (results still saved)")
     group = r.add_argument_group("task options (each applies to the tasks named in its help)")
     for key, help_text in _task_options().items():
         group.add_argument(f"--{key.replace('_', '-')}", dest=f"task_{key}", default=None, help=help_text)
 
     ls = sub.add_parser("list", help="list methods, tasks or models")
     ls.add_argument("what", choices=("methods", "tasks", "models", "corpora", "datasets"))
+
+    sy = sub.add_parser("sync", help="upload saved run folders to MLflow (e.g. after the server was down)",
+                        description="Log results saved by `tta-bench run` to MLflow; already logged ones are skipped.")
+    sy.add_argument("folders", nargs="+", type=Path, help="run folders (holding run.json), or folders of them")
+    _tracking_flags(sy)
+
+    lb = sub.add_parser("leaderboard", help="tables, tests and plots from the runs in MLflow",
+                        description="Build leaderboard tables (Markdown, HTML, LaTeX, CSV) and plots from MLflow runs.")
+    _tracking_flags(lb)
+    lb.add_argument("--parent", help="only the child runs of this sweep's parent run id")
+    lb.add_argument("--out", type=Path, default=Path("leaderboard"), help="output folder (default leaderboard/)")
+    lb.add_argument("--select", choices=("default", "best", "fixed"), default="default",
+                    help="lr per method: default (the grid lr nearest its default lr), best (highest "
+                         "mean Δacc on the test stream; flagged), fixed (--lr for every method)")
+    lb.add_argument("--lr", type=float, help="the learning rate for --select fixed")
+    lb.add_argument("--threshold", type=float, default=0.16, help="the threshold d of the tables (default 0.16)")
+    lb.add_argument("--reference", default="ifo", help="method compared with every other (default ifo)")
+    lb.add_argument("--task", action="append", help="only these tasks (repeatable; default all)")
     return parser
+
+
+def _tracking_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help=f"MLflow experiment (default {DEFAULT_EXPERIMENT})")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -107,16 +134,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     protocol = Protocol(lrs=tuple(lrs), threshold=None if args.gate == "none" else args.threshold,
                         steps=args.steps, clip=args.clip, optimizer=args.optimizer,
                         momentum=args.momentum, weight_decay=args.weight_decay)
+    out = args.out or default_out(task, method)
+    _check_writable(out)
     options = RunOptions(limit=args.limit, max_uncertain=args.max_uncertain, batch_size=args.batch_size,
                          seed=args.seed, device=args.device, tf32=args.tf32,
-                         progress=not args.no_progress)
-    out = args.out or Path("runs") / f"{task.name}-{method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    _check_writable(out)
+                         progress=not args.no_progress, out=out, track=not args.no_tracking,
+                         tracking_uri=args.tracking_uri, experiment=args.experiment)
     result = run(task, method, protocol, options)
-    result.save(out)
     print(f"{task.name} · {method!r} · {result.config['sweep']} sweep · d={protocol.threshold}")
     print(result.table())
     print(f"per-sample rows: {out / 'samples.parquet'}")
+    if result.tracking:
+        print(f"MLflow run: {result.tracking} (experiment {args.experiment})")
     if result.interrupted:
         print("interrupted: the rows above cover the samples finished before Ctrl-C", file=sys.stderr)
         return 130
@@ -151,11 +180,64 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_folders(paths: list[Path]) -> list[Path]:
+    found: list[Path] = []
+    for path in paths:
+        if (path / "run.json").is_file():
+            found.append(path)
+        elif path.is_dir() and (inner := sorted(p.parent for p in path.rglob("run.json"))):
+            found.extend(inner)
+        else:
+            raise TTAError(f"{path} is not a run folder (no run.json in it or below); pass folders "
+                           f"written by tta-bench run --out")
+    return found
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    folders = run_folders(args.folders)
+    try:
+        tracker = Tracker(args.tracking_uri, args.experiment)
+    except TrackingUnavailable as err:
+        raise TTAError(f"{err}; check --tracking-uri and that the server is running") from None
+    new = 0
+    for folder in folders:
+        result = RunResult.load(folder)
+        existed = tracker.find(result.key) is not None
+        try:
+            run_id = tracker.log(result)
+        except TrackingUnavailable as err:
+            raise TTAError(f"{err} (while uploading {folder}); nothing after it was uploaded, "
+                           f"re-run the same command to continue") from None
+        new += not existed
+        print(f"{'already logged' if existed else 'logged'}: {folder} -> {run_id}")
+    print(f"{new} uploaded, {len(folders) - new} already in {tracker.uri} (experiment {args.experiment})")
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from .leaderboard import Selection, build
+
+    if (args.select == "fixed") != (args.lr is not None):
+        raise TTAError("--select fixed needs --lr VALUE, and --lr is only used with --select fixed")
+    t0 = time.perf_counter()
+    written = build(args.tracking_uri, args.experiment, args.out, Selection(args.select, args.lr),
+                    threshold=args.threshold, reference=args.reference, tasks=args.task,
+                    parent=args.parent)
+    print(f"{len(written)} files in {args.out} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"tta-bench: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    warnings.formatwarning = _one_line_warning
     try:
         args = parser.parse_args(argv)
-        return {"run": cmd_run, "list": cmd_list}[args.command](args)
+        commands = {"run": cmd_run, "list": cmd_list, "sync": cmd_sync, "leaderboard": cmd_leaderboard}
+        return commands[args.command](args)
     except TTAError as err:
         print(f"tta-bench: error: {err}", file=sys.stderr)
         return 2

@@ -2,13 +2,8 @@
 from __future__ import annotations
 
 import pandas as pd
-from scipy.stats import binomtest
 
-
-def mcnemar_exact(n_fixed: int, n_broken: int) -> float:
-    """Exact one-sided McNemar p-value for 'adaptation fixes more than it breaks'."""
-    n = n_fixed + n_broken
-    return 1.0 if n == 0 else float(binomtest(n_fixed, n, 0.5, alternative="greater").pvalue)
+from .stats import mcnemar_exact
 
 
 def summarize(rows: pd.DataFrame, wall_seconds: float) -> list[dict]:

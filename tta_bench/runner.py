@@ -1,8 +1,11 @@
 """Run one configuration (task × method × protocol) over a task's samples."""
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import time
+import warnings
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -23,6 +26,7 @@ from .metrics import summarize
 from .method import Method
 from .provenance import environment
 from .task import Sample, Task, select, to_device
+from .tracking import DEFAULT_EXPERIMENT, Tracker, TrackingUnavailable, resolve_uri, sync_hint
 
 # Measured (EfficientNet-Lite0, 224 px, 1 thread): per-sample forward 16 ms at batch 1, 29 ms at 16,
 # 50 ms at 64 on this CPU; GPUs are launch-bound at batch 1.
@@ -49,14 +53,35 @@ class RunResult:
         return tabulate(data, headers=list(TABLE_COLUMNS.values()), tablefmt=fmt,
                         floatfmt=("g", "g", "g", ".3f", ".2f", ".2f", "+.2f", "g", "g", ".3g", "g", ".2f"))
 
+    tracking: str | None = None  # id of its top-level MLflow run, once logged
+
+    def record(self) -> dict:
+        return {"config": self.config, "metadata": self.metadata, "summary": self.summary,
+                "interrupted": self.interrupted}
+
+    @property
+    def key(self) -> str:
+        """Content hash: the same results give the same key, in memory or reloaded from disk."""
+        text = json.dumps(self.record(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
     def save(self, out: Path) -> None:
         """samples.parquet (per-sample rows), summary.csv and run.json (config + provenance)."""
         out.mkdir(parents=True, exist_ok=True)
         self.rows.to_parquet(out / "samples.parquet", index=False)
         pd.DataFrame(self.summary).to_csv(out / "summary.csv", index=False)
-        record = {"config": self.config, "metadata": self.metadata, "summary": self.summary,
-                  "interrupted": self.interrupted}
-        (out / "run.json").write_text(json.dumps(record, indent=2, default=str))
+        (out / "run.json").write_text(json.dumps(self.record(), indent=2, default=str))
+
+    @classmethod
+    def load(cls, out: Path) -> RunResult:
+        """A result saved by `save` (e.g. to upload it to MLflow later)."""
+        try:
+            record = json.loads((out / "run.json").read_text())
+            rows = pd.read_parquet(out / "samples.parquet")
+        except (OSError, ValueError) as err:
+            raise TTAError(f"{out} holds no readable tta-bench results ({err}); pass a folder "
+                           f"written by tta-bench run") from None
+        return cls(rows, record["summary"], record["config"], record["metadata"], record["interrupted"])
 
 
 @dataclass
@@ -70,6 +95,10 @@ class RunOptions:
     device: str = "auto"
     tf32: bool = False  # TF32 convolutions/matmuls on CUDA: faster, but ~1e-3 relative error
     progress: bool = True
+    out: Path | None = None  # save the results here (also where they go if tracking fails)
+    track: bool = True  # log to MLflow
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else MLflow's default ./mlflow.db
+    experiment: str = DEFAULT_EXPERIMENT
 
     def __post_init__(self) -> None:
         for name in ("limit", "max_uncertain"):
@@ -166,17 +195,52 @@ def cuda_precision(allow_tf32: bool) -> Iterator[None]:
 
 
 def run(task: Task, method: Method, protocol: Protocol, options: RunOptions | None = None) -> RunResult:
-    """Apply the protocol to every sample of `task` (DESIGN §2) and summarise per learning rate.
+    """Apply the protocol to every sample of `task` (DESIGN §2), summarise per learning rate,
+    save to `options.out` and log to MLflow.
 
-    Ctrl-C stops the scan; the result then holds every sample finished so far (`interrupted`)."""
+    Ctrl-C stops the scan; the result then holds every sample finished so far (`interrupted`).
+    If MLflow cannot be reached the run goes on; its results are saved locally and a
+    TrackingWarning says how to upload them later."""
     options = options or RunOptions()
+    method.supports(task)  # cheap checks first: a bad input costs nothing, not even a store
+    task.check()
+    resolve_device(options.device)
+    tracker, out = None, options.out
+    if options.track:  # the store is created before any work
+        try:
+            tracker = Tracker(options.tracking_uri, options.experiment)
+        except TrackingUnavailable as err:
+            out = out or default_out(task, method)
+            _warn_untracked(str(err), out, options)
     with cuda_precision(options.tf32):
-        return _run(task, method, protocol, options)
+        result = _run(task, method, protocol, options)
+    if out is not None:
+        result.save(out)
+    if tracker is not None:
+        try:
+            result.tracking = tracker.log(result)
+        except TrackingUnavailable as err:
+            if out is None:
+                out = default_out(task, method)
+                result.save(out)
+            _warn_untracked(str(err), out, options)
+    return result
+
+
+class TrackingWarning(UserWarning):
+    pass
+
+
+def _warn_untracked(reason: str, out: Path, options: RunOptions) -> None:
+    warnings.warn(f"{reason}; the results are kept in {out}; upload them later with: "
+                  f"{sync_hint(out, resolve_uri(options.tracking_uri))}", TrackingWarning, stacklevel=3)
+
+
+def default_out(task: Task, method: Method) -> Path:
+    return Path("runs") / f"{task.name}-{method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions) -> RunResult:
-    method.supports(task)
-    task.check()
     device = resolve_device(options.device)
     random.seed(options.seed)
     np.random.seed(options.seed)

@@ -1,0 +1,213 @@
+"""MLflow tracking (DESIGN §5): one MLflow run per (configuration, method, hyperparameters,
+learning rate) with params, metrics, provenance tags and its per-sample rows as a parquet
+artifact. A learning-rate sweep is a parent run with one child run per learning rate."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pandas as pd
+
+from .errors import TTAError
+
+DEFAULT_EXPERIMENT = "tta-bench"
+KIND = "tta_bench.kind"  # "result": one learning rate; "sweep": the parent of a sweep's results
+KEY = "tta_bench.run_key"  # content hash of the run: logging the same results twice is a no-op
+CONFIGURATION = "tta_bench.configuration"  # task + its non-default options, e.g. text(corpus=licenses)
+METHOD = "tta_bench.method"  # method + non-default hyperparameters and protocol, e.g. ifo(weighted=False)
+# Fail within seconds on an unreachable server instead of MLflow's default minutes of retries.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+PROTOCOL_DEFAULTS = {"steps": 1, "clip": 1.0, "optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0}
+BATCH = 100  # MLflow's log_batch limit on params and tags per call
+
+
+class TrackingUnavailable(Exception):
+    """The tracking store cannot be reached or written; the message says why."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:160]
+
+
+def resolve_uri(uri: str | None) -> str:
+    """The given URI, else MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)."""
+    import mlflow
+    return uri or mlflow.get_tracking_uri()
+
+
+def sync_hint(out: Path | str, uri: str) -> str:
+    return f"tta-bench sync {out} --tracking-uri {uri}"
+
+
+class Tracker:
+    """An MLflow store and experiment, opened (and created if need be) before any work."""
+
+    def __init__(self, uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT):
+        from mlflow import MlflowClient
+
+        for name in ("mlflow.store.db.utils", "alembic"):  # silence schema-creation chatter
+            logging.getLogger(name).setLevel(logging.WARNING)
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        self.uri = resolve_uri(uri)
+        self.experiment = experiment
+        try:
+            self.client = MlflowClient(tracking_uri=self.uri)
+            self.experiment_id = self._experiment_id(experiment)
+        except Exception as err:  # MLflow, requests and SQLAlchemy raise many types
+            raise TrackingUnavailable(f"MLflow tracking at {self.uri} is unavailable: {_first_line(err)}") from None
+
+    def _experiment_id(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=_artifact_location(self.uri, name))
+        except Exception:  # created meanwhile by another process
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def find(self, key: str) -> str | None:
+        """The id of the top-level run already logged for these results, if any."""
+        runs = self.client.search_runs([self.experiment_id], f"tags.`{KEY}` = '{key}'", max_results=5)
+        top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        return top[0].info.run_id if top else None
+
+    def log(self, result: Any) -> str:
+        """Log a RunResult; returns the id of its top-level run (the sweep parent, if a sweep)."""
+        try:
+            return self._log(result)
+        except TrackingUnavailable:
+            raise
+        except Exception as err:
+            raise TrackingUnavailable(f"logging to MLflow at {self.uri} failed: {_first_line(err)}") from None
+
+    def _log(self, result: Any) -> str:
+        key = result.key
+        if (existing := self.find(key)) is not None:
+            return existing
+        config = result.config
+        params, tags = run_params(config), run_tags(result)
+        tags[KEY] = key
+        status = "KILLED" if result.interrupted else "FINISHED"
+        record = result.record()
+        lrs = list(config["protocol"]["lrs"])
+        name = f"{tags[CONFIGURATION]} · {tags[METHOD]}"
+        if len(lrs) == 1:
+            summary = result.summary[0] if result.summary else {}
+            return self._run(f"{name} · lr={lrs[0]:g}", {**tags, KIND: "result"},
+                             {**params, "lr": lrs[0]}, summary, result.rows, record, status)
+        parent = self._run(f"{name} · sweep of {len(lrs)} lrs", {**tags, KIND: "sweep"},
+                           {**params, "lrs": ",".join(f"{lr:g}" for lr in lrs)}, {}, result.rows,
+                           record, status)
+        for summary in result.summary:
+            lr = summary["lr"]
+            self._run(f"{name} · lr={lr:g}", {**tags, KIND: "result", "mlflow.parentRunId": parent},
+                      {**params, "lr": lr}, summary, result.rows[result.rows["lr"] == lr], None, status)
+        return parent
+
+    def _run(self, name: str, tags: dict, params: dict, summary: dict, rows: pd.DataFrame,
+             record: dict | None, status: str) -> str:
+        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.utils.time import get_current_time_millis
+
+        run = self.client.create_run(self.experiment_id, run_name=name)
+        run_id, now = run.info.run_id, get_current_time_millis()
+        metrics = [Metric(k, float(v), now, 0) for k, v in summary.items()
+                   if k != "lr" and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        params_ = [Param(k, _text(v, 6000)) for k, v in params.items()]
+        tags_ = [RunTag(k, _text(v, 5000)) for k, v in tags.items()]
+        self.client.log_batch(run_id, metrics=metrics)
+        for i in range(0, max(len(params_), len(tags_)), BATCH):
+            self.client.log_batch(run_id, params=params_[i:i + BATCH], tags=tags_[i:i + BATCH])
+        with tempfile.TemporaryDirectory() as tmp:
+            rows.to_parquet(Path(tmp) / "samples.parquet", index=False)
+            self.client.log_artifact(run_id, str(Path(tmp) / "samples.parquet"))
+            if record is not None:
+                (Path(tmp) / "run.json").write_text(json.dumps(record, indent=2, default=str))
+                self.client.log_artifact(run_id, str(Path(tmp) / "run.json"))
+        self.client.set_terminated(run_id, status)
+        return run_id
+
+
+def _artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifacts of a SQLite store sit beside its database file (MLflow's own default is
+    ./mlruns of whichever directory first created the store)."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "sqlite":
+        return None
+    db = Path(uri[len("sqlite:///"):]).resolve()
+    return (db.parent / "mlruns" / re.sub(r"[^\w.-]", "_", experiment)).as_uri()
+
+
+def _text(value: Any, limit: int) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _defaults(kind: str, name: str) -> dict[str, Any]:
+    from .registry import method_class, task_class
+    try:
+        cls = task_class(name) if kind == "task" else method_class(name)
+    except TTAError:  # a plugin that is not installed here: label with every option
+        return {}
+    return {k: spec.default for k, spec in (cls.options if kind == "task" else cls.hparams).items()}
+
+
+def _label(name: str, values: dict[str, Any], defaults: dict[str, Any]) -> str:
+    changed = [f"{k}={v}" for k, v in values.items() if k not in defaults or defaults[k] != v]
+    return f"{name}({', '.join(changed)})" if changed else name
+
+
+def configuration_label(config: dict) -> str:
+    """The task and its non-default options: what methods are compared on."""
+    return _label(config["task"], config["task_options"], _defaults("task", config["task"]))
+
+
+def method_label(config: dict) -> str:
+    """The method, its non-default hyperparameters and non-default protocol settings."""
+    label = _label(config["method"], config["hparams"], _defaults("method", config["method"]))
+    protocol = {k: config["protocol"][k] for k in PROTOCOL_DEFAULTS}
+    changed = [f"{k}={v}" for k, v in protocol.items() if v != PROTOCOL_DEFAULTS[k]]
+    return label + (f"[{', '.join(changed)}]" if changed else "")
+
+
+def run_params(config: dict) -> dict[str, Any]:
+    protocol, options = config["protocol"], config["options"]
+    return {
+        "task": config["task"], **{f"task.{k}": v for k, v in config["task_options"].items()},
+        "method": config["method"], **{f"hp.{k}": v for k, v in config["hparams"].items()},
+        **{f"resolved.{k}": v for k, v in config.get("resolved", {}).items()},
+        "threshold": protocol["threshold"], "gate_threshold": config.get("gate_threshold"),
+        **{k: protocol[k] for k in PROTOCOL_DEFAULTS},
+        **{k: options.get(k) for k in ("limit", "max_uncertain", "seed", "batch_size", "device", "tf32")},
+        "sweep": config["sweep"], "adapted_parameters": config.get("adapted_parameters"),
+    }
+
+
+def run_tags(result: Any) -> dict[str, Any]:
+    meta, config = result.metadata, result.config
+    tags: dict[str, Any] = {
+        CONFIGURATION: configuration_label(config), METHOD: method_label(config),
+        "tta_bench.version": meta["versions"].get("tta-bench"), "seed": config["options"]["seed"],
+        "device": meta["device"], "device_name": meta["device_name"], "threads": meta["threads"],
+        "python": meta["python"], "platform": meta["platform"], "interrupted": result.interrupted,
+        **{f"version.{k}": v for k, v in meta["versions"].items() if v is not None},
+        **{f"numerics.{k}": v for k, v in meta.get("numerics", {}).items()},
+    }
+    if meta.get("git_commit"):
+        tags["mlflow.source.git.commit"] = meta["git_commit"]
+    for k, v in meta.get("task", {}).items():  # task provenance: hashes, prompt template, token ids
+        text = _text(v, 10_000)
+        if len(text) <= 500:
+            tags[f"task.{k}"] = text
+    return {k: v for k, v in tags.items() if v is not None}
