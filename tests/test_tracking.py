@@ -150,12 +150,13 @@ def test_real_server_then_down_then_sync(tmp_path, capsys):
         assert (tmp_path / "b" / "samples.parquet").is_file()
 
         server.start()  # restarted on the same store: sync uploads b once, skips a
-        assert main(["sync", str(tmp_path), "--tracking-uri", server.uri, "--experiment", "shared"]) == 0
+        sync = ["sync", str(tmp_path / "a"), str(tmp_path / "b"), "--tracking-uri", server.uri, "--experiment", "shared"]
+        assert main(sync) == 0
         out = capsys.readouterr().out
         assert "1 uploaded, 1 already in" in out
         runs = _remote(server.uri)
         assert len(runs) == 6 and sorted(runs["params.method"].unique()) == ["entropy", "ifo"]
-        assert main(["sync", str(tmp_path), "--tracking-uri", server.uri, "--experiment", "shared"]) == 0
+        assert main(sync) == 0
         assert "0 uploaded, 2 already in" in capsys.readouterr().out
     finally:
         server.stop()
