@@ -15,7 +15,7 @@ from .errors import TTAError
 from .hparams import parse_assignments
 from .registry import get_method, get_task, list_methods, list_tasks, method_class, task_class
 from .runner import RunOptions, RunResult, default_out, run
-from .tracking import DEFAULT_EXPERIMENT, Tracker, TrackingUnavailable
+from .tracking import DEFAULT_EXPERIMENT, Tracker, TrackingUnavailable, resolve_uri
 
 DEFAULT_TASK, DEFAULT_METHOD = "cifar10", "ifo"
 LR_GRIDS = {"paper": PAPER_LR_GRID, "llm": PAPER_LR_GRID[9:14]}  # llm: 2.56e-3 … 4.10e-2
@@ -114,6 +114,24 @@ def build_parser() -> Parser:
     lb.add_argument("--threshold", type=float, default=0.16, help="the threshold d of the tables (default 0.16)")
     lb.add_argument("--reference", default="ifo", help="method compared with every other (default ifo)")
     lb.add_argument("--task", action="append", help="only these tasks (repeatable; default all)")
+    sw = sub.add_parser("sweep", help="run a grid of jobs from a TOML spec (idempotent, resumable)",
+                        description="Expand a sweep spec into jobs and run those without a finished MLflow run. "
+                                    "Interrupted jobs resume from their checkpoint; re-running the same command "
+                                    "completes a sweep. Spec format: see sweeps/README.md.")
+    sw.add_argument("spec", type=Path, help="sweep spec (.toml)")
+    sw.add_argument("--dry-run", action="store_true", help="list the jobs and their count, run nothing")
+    sw.add_argument("--workers", type=int, default=1, help="parallel local worker processes (default 1; "
+                    "one GPU each when there are GPUs)")
+    sw.add_argument("--executor", choices=("local", "submitit"), default="local")
+    sw.add_argument("--cluster", choices=("auto", "slurm", "local"), default="auto",
+                    help="submitit backend (auto: Slurm when available)")
+    sw.add_argument("--slurm-partition", help="submitit: Slurm partition")
+    sw.add_argument("--timeout-min", type=int, default=60 * 24, help="submitit: minutes per job")
+    sw.add_argument("--gpus-per-job", type=int, default=0, help="submitit: GPUs per job")
+    sw.add_argument("--state", type=Path, help="state folder (default sweeps-state/NAME)")
+    sw.add_argument("--checkpoint-every", type=int, default=200, help="samples between checkpoints (default 200)")
+    sw.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    sw.add_argument("--experiment", help="MLflow experiment (default: the spec's experiment, else its name)")
     return parser
 
 
@@ -227,6 +245,72 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .executor import prepare, run_local, run_submitit
+    from .sweep import jobs_from_spec, load_spec
+
+    spec = load_spec(args.spec)
+    jobs, notes = jobs_from_spec(spec)
+    for note in notes:
+        print(note)
+    if args.dry_run:
+        for job in jobs:
+            print(f"{job.key}  {job.label}")
+        print(f"{len(jobs)} jobs")
+        return 0
+    if args.workers < 1:
+        raise TTAError(f"--workers must be >= 1, got {args.workers}")
+    state = args.state or Path("sweeps-state") / spec["name"]
+    _check_writable(state)
+    experiment = args.experiment or spec.get("experiment") or spec["name"]
+    uri = resolve_uri(args.tracking_uri)
+    try:  # the store is created here, once, before any worker starts
+        tracker = Tracker(uri, experiment)
+    except TrackingUnavailable as err:
+        tracker = None
+        warnings.warn(f"{err}; jobs keep their results under {state}; re-run this command to upload them")
+    todo = [job for job in jobs if not _finished(job, tracker, state)]
+    print(f"{len(jobs)} jobs: {len(jobs) - len(todo)} already finished, {len(todo)} to run")
+    try:
+        folders = prepare(state, todo, spec["name"])
+    except OSError as err:
+        raise TTAError(f"cannot write the sweep state under {state}: {err.strerror}; pass --state DIR") from None
+    labels = {folder: job.label for folder, job in zip(folders, todo, strict=True)}
+
+    def report(folder: Path, status: dict) -> None:
+        extra = "; ".join(x for x in (status.get("resumed_from"), status.get("error")) if x)
+        print(f"{status['status']:9} {labels[folder]}  {extra}", flush=True)
+
+    if args.executor == "submitit":
+        params = {"timeout_min": args.timeout_min, "gpus_per_node": args.gpus_per_job}
+        if args.slurm_partition:
+            params["slurm_partition"] = args.slurm_partition
+        statuses = run_submitit(folders, state / "submitit", uri, experiment, args.checkpoint_every,
+                                cluster=None if args.cluster == "auto" else args.cluster, report=report, **params)
+    else:
+        statuses = run_local(folders, args.workers, uri, experiment, args.checkpoint_every, report=report)
+    counts: dict[str, int] = {}
+    for status in statuses.values():
+        counts[status["status"]] = counts.get(status["status"], 0) + 1
+    print(", ".join(f"{n} {name}" for name, n in sorted(counts.items())) or "nothing to run")
+    bad = [f for f, st in statuses.items() if st["status"] in ("failed", "unsynced")]
+    if bad:
+        print(f"{len(bad)} job(s) not finished (errors above, details in {state}/jobs/KEY/); "
+              f"re-run the same command to retry and resume them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _finished(job, tracker: Tracker | None, state: Path) -> bool:
+    """Finished per MLflow; per the job's local status when MLflow cannot be reached."""
+    from .executor import read_status
+
+    if tracker is not None:
+        return tracker.find_job(job.key) is not None
+    status = read_status(state / "jobs" / job.key)
+    return bool(status) and status["status"] in ("done", "skipped")
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"tta-bench: warning: {message}\n"
 
@@ -236,7 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning
     try:
         args = parser.parse_args(argv)
-        commands = {"run": cmd_run, "list": cmd_list, "sync": cmd_sync, "leaderboard": cmd_leaderboard}
+        commands = {"run": cmd_run, "list": cmd_list, "sync": cmd_sync, "leaderboard": cmd_leaderboard,
+                    "sweep": cmd_sweep}
         return commands[args.command](args)
     except TTAError as err:
         print(f"tta-bench: error: {err}", file=sys.stderr)

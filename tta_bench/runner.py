@@ -20,6 +20,7 @@ import torch
 from tabulate import tabulate
 from tqdm.auto import tqdm
 
+from . import checkpoint
 from .engine import Adaptation, Adapter, Protocol
 from .errors import TTAError
 from .metrics import summarize
@@ -99,6 +100,8 @@ class RunOptions:
     track: bool = True  # log to MLflow
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else MLflow's default ./mlflow.db
     experiment: str = DEFAULT_EXPERIMENT
+    checkpoint: Path | None = None  # per-sample rows saved here as the run goes; resumed if present
+    checkpoint_every: int = 200  # samples between checkpoint writes
 
     def __post_init__(self) -> None:
         for name in ("limit", "max_uncertain"):
@@ -178,6 +181,11 @@ class Recorder:
             for key, value in row.items():
                 self.cols[key].append(value)
 
+    def extend(self, rows: pd.DataFrame) -> None:
+        """Rows recorded earlier (a resumed run)."""
+        for key in rows.columns:
+            self.cols[key].extend(rows[key].tolist())
+
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.cols)
 
@@ -250,13 +258,26 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions) ->
     adapter = Adapter(model, method, task.class_logits, protocol, task.augmenter()) if method.adapts else None
     recorder = Recorder(protocol.lrs)
     threshold = method.gate_threshold(protocol.threshold)
-    n_seen = n_uncertain = 0
+    fingerprint = _fingerprint(task, method, protocol, options)
+    done = checkpoint.load(options.checkpoint, fingerprint) if options.checkpoint else None
+    if done is not None:
+        recorder.extend(done.rows)
+    n_seen, n_uncertain = (done.n_seen, done.n_uncertain) if done else (0, 0)
+    prior_wall, last_saved = (done.wall if done else 0.0), n_seen
     total = task.num_samples()
     if options.limit is not None:
         total = min(total, options.limit) if total is not None else options.limit
-    bar = tqdm(total=total, unit="sample", disable=not options.progress, dynamic_ncols=True)
-    scored = source_pass(task, model, islice(task.samples(), options.limit), options.batch_size, device)
+    bar = tqdm(total=total, initial=n_seen, unit="sample", disable=not options.progress, dynamic_ncols=True)
+    finished = options.max_uncertain is not None and n_uncertain >= options.max_uncertain
+    stream = islice(task.samples(), n_seen, options.limit) if not finished else iter(())
+    scored = source_pass(task, model, stream, options.batch_size, device)
     start, interrupted = perf_counter(), False
+
+    def save_progress() -> None:
+        wall = prior_wall + perf_counter() - start
+        checkpoint.save(options.checkpoint, checkpoint.Progress(recorder.frame(), n_seen, n_uncertain, wall),
+                        fingerprint)
+
     try:
         with adapter if adapter is not None else nullcontext():
             for s in scored:
@@ -268,13 +289,18 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions) ->
                 n_uncertain += uncertain
                 bar.update(1)
                 bar.set_postfix(uncertain=n_uncertain, refresh=False)
+                if options.checkpoint and n_seen - last_saved >= options.checkpoint_every:
+                    save_progress()
+                    last_saved = n_seen
                 if options.max_uncertain is not None and n_uncertain >= options.max_uncertain:
                     break
     except KeyboardInterrupt:
         interrupted = True
     finally:
         bar.close()
-    wall = perf_counter() - start
+    if options.checkpoint and n_seen > last_saved:
+        save_progress()
+    wall = prior_wall + perf_counter() - start
     if n_seen == 0 and not interrupted:
         raise TTAError(f"task {task.name} yielded no samples; check its data options")
     rows = recorder.frame()
@@ -287,8 +313,16 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions) ->
         "adapted_parameters": sum(p.numel() for p in adapter.params) if adapter else 0,
         "adapted_parameter_names": _names(adapter, model),
     }
-    metadata = {**environment(device), "task": task.metadata()}
+    metadata = {**environment(device), "task": task.metadata(), "resumed_from_sample": done.n_seen if done else 0}
     return RunResult(rows, summarize(rows, wall) if len(rows) else [], config, metadata, interrupted)
+
+
+def _fingerprint(task: Task, method: Method, protocol: Protocol, options: RunOptions) -> str:
+    """What a checkpoint must match to be resumed: everything that changes the rows."""
+    what = {"task": task.name, "task_options": task.config, "method": method.name,
+            "hparams": method.config, "protocol": asdict(protocol),
+            **{k: getattr(options, k) for k in ("limit", "max_uncertain", "seed")}}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _names(adapter: Adapter | None, model: torch.nn.Module) -> list[str] | str:

@@ -20,6 +20,8 @@ DEFAULT_EXPERIMENT = "tta-bench"
 KIND = "tta_bench.kind"  # "result": one learning rate; "sweep": the parent of a sweep's results
 KEY = "tta_bench.run_key"  # content hash of the run: logging the same results twice is a no-op
 CONFIGURATION = "tta_bench.configuration"  # task + its non-default options, e.g. text(corpus=licenses)
+JOB = "tta_bench.job_key"  # a sweep job's stable key (configuration + package version)
+SWEEP = "tta_bench.sweep"
 METHOD = "tta_bench.method"  # method + non-default hyperparameters and protocol, e.g. ifo(weighted=False)
 # Fail within seconds on an unreachable server instead of MLflow's default minutes of retries.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
@@ -76,47 +78,62 @@ class Tracker:
                 raise
             return found.experiment_id
 
-    def find(self, key: str) -> str | None:
-        """The id of the top-level run already logged for these results, if any."""
-        runs = self.client.search_runs([self.experiment_id], f"tags.`{KEY}` = '{key}'", max_results=5)
-        top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-        return top[0].info.run_id if top else None
+    def _top_runs(self, tag: str, value: str) -> list:
+        runs = self.client.search_runs([self.experiment_id], f"tags.`{tag}` = '{value}'", max_results=1000)
+        return [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
 
-    def log(self, result: Any) -> str:
-        """Log a RunResult; returns the id of its top-level run (the sweep parent, if a sweep)."""
+    def find(self, key: str) -> str | None:
+        """The id of the complete top-level run already logged for these results, if any."""
+        done = [r for r in self._top_runs(KEY, key) if r.info.status in ("FINISHED", "KILLED")]
+        return done[0].info.run_id if done else None
+
+    def find_job(self, job_key: str) -> str | None:
+        """The id of a sweep job's finished top-level run, if any."""
+        done = [r for r in self._top_runs(JOB, job_key) if r.info.status == "FINISHED"]
+        return done[0].info.run_id if done else None
+
+    def log(self, result: Any, tags: dict[str, str] | None = None) -> str:
+        """Log a RunResult; returns the id of its top-level run (the sweep parent, if a sweep).
+        The top-level run is marked finished last, so a finished parent has all its children."""
         try:
-            return self._log(result)
+            return self._log(result, tags or {})
         except TrackingUnavailable:
             raise
         except Exception as err:
             raise TrackingUnavailable(f"logging to MLflow at {self.uri} failed: {_first_line(err)}") from None
 
-    def _log(self, result: Any) -> str:
+    def _log(self, result: Any, extra: dict[str, str]) -> str:
         key = result.key
         if (existing := self.find(key)) is not None:
             return existing
+        for stale in self._top_runs(KEY, key):  # left half-logged by a crash: replace it
+            for child in self.client.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{stale.info.run_id}'"):
+                self.client.delete_run(child.info.run_id)
+            self.client.delete_run(stale.info.run_id)
         config = result.config
-        params, tags = run_params(config), run_tags(result)
-        tags[KEY] = key
+        params, tags = run_params(config), {**run_tags(result), **extra, KEY: key}
         status = "KILLED" if result.interrupted else "FINISHED"
         record = result.record()
         lrs = list(config["protocol"]["lrs"])
         name = f"{tags[CONFIGURATION]} · {tags[METHOD]}"
         if len(lrs) == 1:
             summary = result.summary[0] if result.summary else {}
-            return self._run(f"{name} · lr={lrs[0]:g}", {**tags, KIND: "result"},
-                             {**params, "lr": lrs[0]}, summary, result.rows, record, status)
+            run_id = self._run(f"{name} · lr={lrs[0]:g}", {**tags, KIND: "result"},
+                               {**params, "lr": lrs[0]}, summary, result.rows, record)
+            self.client.set_terminated(run_id, status)
+            return run_id
         parent = self._run(f"{name} · sweep of {len(lrs)} lrs", {**tags, KIND: "sweep"},
-                           {**params, "lrs": ",".join(f"{lr:g}" for lr in lrs)}, {}, result.rows,
-                           record, status)
+                           {**params, "lrs": ",".join(f"{lr:g}" for lr in lrs)}, {}, result.rows, record)
         for summary in result.summary:
             lr = summary["lr"]
-            self._run(f"{name} · lr={lr:g}", {**tags, KIND: "result", "mlflow.parentRunId": parent},
-                      {**params, "lr": lr}, summary, result.rows[result.rows["lr"] == lr], None, status)
+            child = self._run(f"{name} · lr={lr:g}", {**tags, KIND: "result", "mlflow.parentRunId": parent},
+                              {**params, "lr": lr}, summary, result.rows[result.rows["lr"] == lr], None)
+            self.client.set_terminated(child, status)
+        self.client.set_terminated(parent, status)
         return parent
 
     def _run(self, name: str, tags: dict, params: dict, summary: dict, rows: pd.DataFrame,
-             record: dict | None, status: str) -> str:
+             record: dict | None) -> str:
         from mlflow.entities import Metric, Param, RunTag
         from mlflow.utils.time import get_current_time_millis
 
@@ -135,7 +152,6 @@ class Tracker:
             if record is not None:
                 (Path(tmp) / "run.json").write_text(json.dumps(record, indent=2, default=str))
                 self.client.log_artifact(run_id, str(Path(tmp) / "run.json"))
-        self.client.set_terminated(run_id, status)
         return run_id
 
 

@@ -1,0 +1,232 @@
+"""Sweeps: spec expansion (crossing, pairing), stable job keys, checkpoint/resume equal to an
+uninterrupted run, local workers killed mid-job against a real MLflow server, submitit."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+import tta_bench
+from tta_bench import Protocol, RunOptions, TTAError
+from tta_bench.cli import main
+from tta_bench.executor import prepare, run_job, run_submitit
+from tta_bench.sweep import expand, jobs_from_spec, load_spec
+from tta_bench.tracking import JOB, KIND
+
+from conftest import ToyTask
+from test_tracking import Server, _free_port
+
+TIMING = {"wall_seconds", "samples_per_s"}
+
+
+def test_expand_crosses_lists_and_zips_pairs():
+    assert len(expand({"a": [1, 2], "b": [3, 4, 5], "c": 0})) == 6
+    assert expand({"a": [1, 2], "b": [3, 4], "c": 0}, [["a", "b"]]) == [
+        {"c": 0, "a": 1, "b": 3}, {"c": 0, "a": 2, "b": 4}]
+    assert expand({"lr": [0.1, 0.2]}) == [{"lr": [0.1, 0.2]}]  # one job sweeping two lrs
+    assert expand({"lr": [[0.1], [0.2, 0.4]]}) == [{"lr": [0.1]}, {"lr": [0.2, 0.4]}]
+    with pytest.raises(TTAError, match="equal lengths"):
+        expand({"a": [1, 2], "b": [3]}, [["a", "b"]])
+
+
+SPEC = {
+    "name": "t", "lr": [0.01, 0.1], "limit": 20, "threshold": [0.16, 0.32], "seed": [0, 1],
+    "pair": [["threshold", "seed"]],
+    "tasks": [{"name": "cifar10", "corruption": ["none", "contrast"]}, {"name": "text"}],
+    "methods": [{"name": "ifo", "weighted": [True, False]}, {"name": "input-ft", "lr": 0.02}],
+}
+
+
+def test_jobs_from_spec_and_stable_keys(monkeypatch):
+    jobs, notes = jobs_from_spec(SPEC)
+    # cifar10: 2 corruptions × 2 ifo variants × 2 (paired d, seed); text: (2 ifo + input-ft) × 2
+    assert len(jobs) == 8 + 6
+    assert notes == ["left out: method input-ft does not support image tasks such as cifar10 (it supports: mc, text)"]
+    ft = [j for j in jobs if j.config["method"] == "input-ft"]
+    assert {tuple(j.config["protocol"]["lrs"]) for j in ft} == {(0.02,)}  # the method block's override
+    assert {(j.config["protocol"]["threshold"], j.config["options"]["seed"]) for j in jobs} == {(0.16, 0), (0.32, 1)}
+    again, _ = jobs_from_spec(json.loads(json.dumps(SPEC)))
+    assert [j.key for j in jobs] == [j.key for j in again]
+    explicit = {**SPEC, "tasks": [{"name": "cifar10", "corruption": ["none", "contrast"], "severity": 3}, {"name": "text"}]}
+    assert {j.key for j in jobs_from_spec(explicit)[0]} == {j.key for j in jobs}  # defaults resolved
+    changed = {**SPEC, "limit": 21}
+    assert not {j.key for j in jobs_from_spec(changed)[0]} & {j.key for j in jobs}
+    monkeypatch.setattr(tta_bench, "__version__", "999")
+    assert not {j.key for j in jobs_from_spec(SPEC)[0]} & {j.key for j in jobs}
+
+
+def test_bad_specs_are_clear_errors(tmp_path, capsys):
+    path = tmp_path / "s.toml"
+    path.write_text('name = "x"\nthreshhold = 0.2\ntasks = [{name = "cifar10"}]\nmethods = [{name = "ifo"}]\n')
+    with pytest.raises(TTAError, match=r"unknown top-level key\(s\) \['threshhold'\]"):
+        load_spec(path)
+    with pytest.raises(TTAError, match="method ifo has no option wieghted"):
+        jobs_from_spec({**SPEC, "methods": [{"name": "ifo", "wieghted": True}]})
+    path.write_text('name = "x"\ntasks = [{name = "cifar10"}]\nmethods = [{name = "ifo"}, {name = "dofo"}]\n')
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    assert capsys.readouterr().out.strip().endswith("2 jobs")
+    assert main(["sweep", str(path), "--state", "/proc/nope/state"]) == 2
+    assert "cannot write to output folder /proc/nope/state" in capsys.readouterr().err
+
+
+class CrashingToy(ToyTask):
+    """The toy task's stream, dying at sample 23 (a killed worker, seen from the runner)."""
+
+    def samples(self):
+        for s in super().samples():
+            if s.index == 23:
+                raise RuntimeError("worker died")
+            yield s
+
+
+def _same_results(a, b):
+    cols = [c for c in a.rows.columns if c != "seconds"]
+    pd.testing.assert_frame_equal(a.rows[cols], b.rows[cols])
+    for sa, sb in zip(a.summary, b.summary, strict=True):
+        assert {k: v for k, v in sa.items() if k not in TIMING} == {k: v for k, v in sb.items() if k not in TIMING}
+
+
+def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
+    method, protocol = tta_bench.get_method("ifo"), Protocol((1e-2, 1e-1))
+    full = tta_bench.run(ToyTask(), method, protocol, RunOptions(progress=False, track=False))
+    ck = tmp_path / "checkpoint.parquet"
+    options = RunOptions(progress=False, track=False, checkpoint=ck, checkpoint_every=5)
+    with pytest.raises(RuntimeError, match="worker died"):
+        tta_bench.run(CrashingToy(), method, protocol, options)
+    assert len(pd.read_parquet(ck)) == 20 * 2  # samples 0..19, two lrs each
+    resumed = tta_bench.run(ToyTask(), method, protocol, options)
+    assert resumed.metadata["resumed_from_sample"] == 20
+    _same_results(full, resumed)
+    with pytest.raises(TTAError, match="belongs to another configuration"):
+        tta_bench.run(ToyTask(), method, Protocol((1e-3,)), options)
+
+
+def test_disk_full_fails_the_job_clearly_and_a_retry_completes(tmp_path, monkeypatch):
+    jobs, _ = jobs_from_spec({"name": "d", "lr": 0.1, "limit": 12, "tasks": [{"name": "cifar10"}],
+                              "methods": [{"name": "entropy"}]})
+    [folder] = prepare(tmp_path, jobs, "d")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("tta_bench.checkpoint.save", full)
+    status = run_job(folder, uri, "d", checkpoint_every=4)
+    assert status["status"] == "failed" and "No space left on device" in status["error"]
+    monkeypatch.undo()
+    status = run_job(folder, uri, "d", checkpoint_every=4)
+    assert status["status"] == "done"
+    assert run_job(folder, uri, "d")["status"] == "skipped"  # finished: never run twice
+
+
+@pytest.mark.slow
+def test_submitit_local_executor(tmp_path):
+    jobs, _ = jobs_from_spec({"name": "s", "lr": 0.1, "limit": 10, "tasks": [{"name": "cifar10"}],
+                              "methods": [{"name": "ifo"}, {"name": "entropy"}]})
+    folders = prepare(tmp_path / "state", jobs, "s")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tta_bench.tracking.Tracker(uri, "s")  # the store exists before the jobs start
+    statuses = run_submitit(folders, tmp_path / "logs", uri, "s", 200, cluster="local",
+                            report=lambda *a: None, timeout_min=10)
+    assert [s["status"] for s in statuses.values()] == ["done", "done"]
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("s")
+    for job in jobs:
+        assert len(client.search_runs([exp.experiment_id], f"tags.`{JOB}` = '{job.key}'")) == 1
+
+
+FAULT_SPEC = """
+name = "faults"
+lr = [0.02, 0.2]
+limit = 120
+[[tasks]]
+name = "cifar10"
+corruption = ["none", "contrast"]
+[[methods]]
+name = "ifo"
+[[methods]]
+name = "entropy"
+"""
+BROKEN_MODEL = """
+[[tasks]]
+name = "text"
+model = "no-such-org/no-such-model"
+"""
+
+
+@pytest.mark.slow
+def test_two_workers_kill_restart_and_resume(tmp_path):
+    """SIGKILL a worker mid-job, take the tracking server down for a re-run, bring it back:
+    every job ends with exactly one finished run, the resumed job equals an uninterrupted run,
+    and the job whose model cannot be loaded is reported with its error each time."""
+    spec = tmp_path / "faults.toml"
+    spec.write_text(FAULT_SPEC + BROKEN_MODEL)
+    (tmp_path / "server").mkdir()
+    server = Server(tmp_path / "server", _free_port())
+    state = tmp_path / "state"
+    cmd = [sys.executable, "-m", "tta_bench.cli", "sweep", str(spec), "--workers", "2", "--state", str(state),
+           "--tracking-uri", server.uri, "--checkpoint-every", "5"]
+    env = {**os.environ, "TTA_BENCH_OFFLINE": "1"}
+    server.start()
+    try:
+        sweep = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        killed = _kill_a_worker_mid_job(state / "jobs", sweep)
+        out = sweep.communicate(timeout=600)[0]
+        assert sweep.returncode == 1, out
+        assert "worker exited with signal SIGKILL" in out
+        assert "'no-such-org/no-such-model' is not available locally" in out
+        assert sum(line.startswith("failed") for line in out.splitlines()) == 3  # the kill, 2 text jobs
+
+        server.stop()  # down for the whole re-run: jobs run, results stay local
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600).stdout
+        assert "resumed from sample" in out and "unsynced" in out, out
+
+        server.start()  # back: the unsynced results are logged without being recomputed
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600).stdout
+        assert "logged a result saved earlier" in out and "failed" in out, out
+        assert "0 already finished" not in out
+
+        jobs, _ = jobs_from_spec(load_spec(spec))
+        client = mlflow.MlflowClient(server.uri)
+        exp = client.get_experiment_by_name("faults")
+        for job in jobs:
+            runs = client.search_runs([exp.experiment_id], f"tags.`{JOB}` = '{job.key}' and tags.`{KIND}` = 'sweep'")
+            finished = [r for r in runs if r.info.status == "FINISHED"]
+            if job.config["task"] == "text":
+                assert finished == []
+            else:
+                assert len(finished) == 1, job.label
+        resumed = json.loads((state / "jobs" / killed / "result" / "run.json").read_text())
+        assert resumed["metadata"]["resumed_from_sample"] > 0
+        config = json.loads((state / "jobs" / killed / "job.json").read_text())["config"]
+        p = config["protocol"]
+        full = tta_bench.run(tta_bench.get_task(config["task"], **config["task_options"]),
+                             tta_bench.get_method(config["method"], **config["hparams"]),
+                             Protocol(tuple(p["lrs"]), **{k: v for k, v in p.items() if k != "lrs"}),
+                             RunOptions(**config["options"], progress=False, track=False))
+        rows = pd.read_parquet(state / "jobs" / killed / "result" / "samples.parquet")
+        cols = [c for c in rows.columns if c != "seconds"]
+        pd.testing.assert_frame_equal(rows[cols], full.rows[cols])
+        for a, b in zip(resumed["summary"], full.summary, strict=True):
+            assert {k: v for k, v in a.items() if k not in TIMING} == pytest.approx(
+                {k: v for k, v in b.items() if k not in TIMING}, nan_ok=True)
+    finally:
+        server.stop()
+
+
+def _kill_a_worker_mid_job(jobs: Path, sweep: subprocess.Popen) -> str:
+    deadline = time.time() + 300
+    while time.time() < deadline and sweep.poll() is None:
+        for folder in jobs.glob("*"):
+            if (folder / "checkpoint.parquet").exists() and not (folder / "status.json").exists():
+                os.kill(int((folder / "worker.pid").read_text()), signal.SIGKILL)
+                return folder.name
+        time.sleep(0.02)
+    raise AssertionError("no job was caught mid-way")

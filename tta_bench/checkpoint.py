@@ -1,0 +1,48 @@
+"""Per-sample rows written incrementally and atomically, so that an interrupted run resumes where
+it stopped instead of starting over (a reader sees the previous file or the next, never half)."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import TTAError
+
+META = b"tta_bench"
+
+
+@dataclass
+class Progress:
+    rows: pd.DataFrame  # every row recorded so far
+    n_seen: int  # samples of the stream already processed (resume after them)
+    n_uncertain: int
+    wall: float  # seconds spent so far, over all attempts
+
+
+def save(path: Path, progress: Progress, fingerprint: str) -> None:
+    table = pa.Table.from_pandas(progress.rows, preserve_index=False)
+    meta = {"fingerprint": fingerprint, "n_seen": progress.n_seen, "n_uncertain": progress.n_uncertain,
+            "wall": progress.wall}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), META: json.dumps(meta).encode()})
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def load(path: Path, fingerprint: str) -> Progress | None:
+    if not path.is_file():
+        return None
+    try:
+        table = pq.read_table(path)
+        meta = json.loads(table.schema.metadata[META])
+    except (OSError, KeyError, ValueError, pa.ArrowException) as err:
+        raise TTAError(f"checkpoint {path} is unreadable ({err}); delete it to start this run over") from None
+    if meta["fingerprint"] != fingerprint:
+        raise TTAError(f"checkpoint {path} belongs to another configuration; delete it or choose "
+                       f"another checkpoint path")
+    return Progress(table.to_pandas(), meta["n_seen"], meta["n_uncertain"], meta["wall"])
