@@ -54,8 +54,12 @@ def load_runs(uri: str | None, experiment: str, parent: str | None = None) -> pd
     where = f"tags.`{KIND}` = 'result' and attributes.status = 'FINISHED'"
     if parent:
         where += f" and tags.`mlflow.parentRunId` = '{parent}'"
-    mlflow.set_tracking_uri(uri)
-    raw = mlflow.search_runs([found.experiment_id], where, max_results=1_000_000)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # search_runs reads the global URI
+    try:
+        raw = mlflow.search_runs([found.experiment_id], where, max_results=1_000_000)
+    finally:
+        mlflow.set_tracking_uri(previous)
     if raw.empty:
         raise TTAError(f"no finished tta-bench runs in experiment {experiment!r} at {uri}"
                        + (f" under parent run {parent}" if parent else ""))
@@ -220,6 +224,8 @@ def build(uri: str | None, experiment: str, out: Path, selection: Selection, thr
         if main.empty:
             continue
         chosen = choose_lrs(main, selection)
+        if missing := sorted(set(main["method"]) - set(chosen)):
+            sections.append(f"{task}: left out, no run at a learning rate near their default: {', '.join(missing)}\n")
         at_lr = main[[math.isclose(lr, chosen.get(m, -1.0), rel_tol=1e-9) for m, lr in zip(main["method"], main["lr"])]]
         n_conf = main["configuration"].nunique()
         head = f"{task}: {n_conf} configuration(s), d = {threshold:g}; {selection.caption()}"
