@@ -27,6 +27,7 @@ class IFo(Method):
     name = "ifo"
     description = "increase the logits of the likely (focus) classes"
     default_lr = 2.05e-2  # the paper's ImageNet learning rate
+    batchable = True
     hparams = {
         "n_focus": HParam(2, int, "number of focus classes |F|", check=lambda n: n >= 1,
                           check_msg="must be >= 1"),
@@ -65,6 +66,7 @@ class Entropy(Method):
     name = "entropy"
     description = "minimise the prediction entropy, all parameters"
     default_lr = IFo.default_lr
+    batchable = True
     hparams = {}
 
     def loss(self, step: Step) -> Tensor:

@@ -100,9 +100,11 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
     options = RunOptions(progress=False, track=False, checkpoint=ck, checkpoint_every=5)
     with pytest.raises(RuntimeError, match="worker died"):
         tta_bench.run(CrashingToy(), method, protocol, options)
-    assert len(pd.read_parquet(ck)) == 20 * 2  # samples 0..19, two lrs each
+    saved = pd.read_parquet(ck)
+    n_saved = len(saved) // 2  # two lrs per sample
+    assert 5 <= n_saved < 23 and list(saved["index"][::2]) == list(range(n_saved))
     resumed = tta_bench.run(ToyTask(), method, protocol, options)
-    assert resumed.metadata["resumed_from_sample"] == 20
+    assert resumed.metadata["resumed_from_sample"] == n_saved
     _same_results(full, resumed)
     with pytest.raises(TTAError, match="belongs to another configuration"):
         tta_bench.run(ToyTask(), method, Protocol((1e-3,)), options)

@@ -86,6 +86,10 @@ def build_parser() -> Parser:
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     r.add_argument("--threads", type=int, help="CPU threads for torch (recorded)")
     r.add_argument("--tf32", action="store_true", help="allow TF32 on CUDA (faster, less exact; recorded)")
+    r.add_argument("--autocast", choices=("bf16",), help="bfloat16 autocast for every forward (CUDA only; recorded)")
+    r.add_argument("--adapt-block", type=int, help="uncertain samples adapted at once with torch.func.vmap "
+                   "(default: blocks sized to --max-memory on CUDA, 1 on CPU where blocks are slower)")
+    r.add_argument("--max-memory", type=float, help="GiB for one block of adaptation (default: half the free GPU memory)")
     r.add_argument("--out", type=Path, help="output folder (default runs/TASK-METHOD-TIME)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     _tracking_flags(r)
@@ -157,6 +161,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = RunOptions(limit=args.limit, max_uncertain=args.max_uncertain, batch_size=args.batch_size,
                          seed=args.seed, device=args.device, tf32=args.tf32,
                          progress=not args.no_progress, out=out, track=not args.no_tracking,
+                         adapt_block=args.adapt_block, autocast=args.autocast,
+                         max_memory=int(args.max_memory * 2**30) if args.max_memory else None,
                          tracking_uri=args.tracking_uri, experiment=args.experiment)
     result = run(task, method, protocol, options)
     print(f"{task.name} · {method!r} · {result.config['sweep']} sweep · d={protocol.threshold}")

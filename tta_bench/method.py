@@ -127,6 +127,10 @@ class Method:
         u.apply()
         return True
 
+    # The loss is a pure tensor function of the step (no Python branching on values, no
+    # data-dependent shapes): blocks of samples can then be adapted at once with torch.func.vmap.
+    batchable: ClassVar[bool] = False
+
     # One update = one optimizer step at θ0 with a gradient that does not depend on the learning
     # rate (true of plain losses and of SAR): one update then serves a whole lr sweep.
     sweepable: ClassVar[bool] = True

@@ -21,6 +21,7 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 
 from . import checkpoint
+from .batched import BlockAdapter, block_size, supports_blocks
 from .engine import Adaptation, Adapter, Protocol
 from .errors import TTAError
 from .metrics import summarize
@@ -102,14 +103,19 @@ class RunOptions:
     experiment: str = DEFAULT_EXPERIMENT
     checkpoint: Path | None = None  # per-sample rows saved here as the run goes; resumed if present
     checkpoint_every: int = 200  # samples between checkpoint writes
+    adapt_block: int | None = None  # uncertain samples adapted at once (vmap); None: blocks on CUDA only
+    max_memory: int | None = None  # bytes for one block; None: half the free device memory
+    autocast: str | None = None  # "bf16": bfloat16 autocast for every forward (CUDA only)
 
     def __post_init__(self) -> None:
         for name in ("limit", "max_uncertain"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise TTAError(f"{name} must be >= 1, got {value}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise TTAError(f"batch size must be >= 1, got {self.batch_size}")
+        for name in ("batch_size", "adapt_block", "checkpoint_every", "max_memory"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise TTAError(f"{name.replace('_', ' ')} must be >= 1, got {value}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -212,7 +218,14 @@ def run(task: Task, method: Method, protocol: Protocol, options: RunOptions | No
     options = options or RunOptions()
     method.supports(task)  # cheap checks first: a bad input costs nothing, not even a store
     task.check()
-    resolve_device(options.device)
+    device = resolve_device(options.device)
+    if options.autocast not in (None, "bf16"):
+        raise TTAError(f"unknown autocast {options.autocast!r}; use bf16 (or none)")
+    if options.autocast and device.type != "cuda":
+        raise TTAError("bf16 autocast is a CUDA option; on CPU runs are full fp32 (drop --autocast)")
+    if options.adapt_block and options.adapt_block > 1 and method.adapts and (
+            reason := _why_no_blocks(method, protocol, task)):
+        raise TTAError(f"adapt_block={options.adapt_block}: {reason}; use 1")
     tracker, out = None, options.out
     if options.track:  # the store is created before any work
         try:
@@ -220,7 +233,8 @@ def run(task: Task, method: Method, protocol: Protocol, options: RunOptions | No
         except TrackingUnavailable as err:
             out = out or default_out(task, method)
             _warn_untracked(str(err), out, options)
-    with cuda_precision(options.tf32):
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if options.autocast else nullcontext()
+    with cuda_precision(options.tf32), autocast:
         result = _run(task, method, protocol, options)
     if out is not None:
         result.save(out)
@@ -256,6 +270,7 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions) ->
     options = replace(options, batch_size=options.batch_size or BATCH_SIZE.get(device.type, 1))
     model = task.load_model().to(device).eval()
     adapter = Adapter(model, method, task.class_logits, protocol, task.augmenter()) if method.adapts else None
+    block, blocks = _block_adapter(adapter, model, method, task, protocol, options, device)
     recorder = Recorder(protocol.lrs)
     threshold = method.gate_threshold(protocol.threshold)
     fingerprint = _fingerprint(task, method, protocol, options)
@@ -272,6 +287,29 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions) ->
     stream = islice(task.samples(), n_seen, options.limit) if not finished else iter(())
     scored = source_pass(task, model, stream, options.batch_size, device)
     start, interrupted = perf_counter(), False
+    pending: list[tuple[Scored, bool]] = []  # scanned, waiting for their block to be adapted
+
+    def adapt_pending() -> None:
+        """Adapt the pending uncertain samples (one at a time, or as one block); record all."""
+        nonlocal n_seen, n_uncertain
+        gated = [s for s, uncertain in pending if uncertain]
+        t0 = perf_counter()
+        if adapter is None or not gated:
+            results = []
+        elif blocks is None:
+            results = [adapter.adapt(s.inputs, s.sample.index) for s in gated]
+        else:
+            results = blocks.adapt(torch.cat([s.inputs for s in gated]))
+        share = (perf_counter() - t0) / max(1, len(gated))
+        it = iter(results)
+        for s, uncertain in pending:
+            a = next(it) if uncertain and adapter else None
+            recorder.add(s, uncertain, a, s.seconds + (share if uncertain else 0.0))
+            n_seen += 1
+            n_uncertain += uncertain
+        bar.update(len(pending))
+        bar.set_postfix(uncertain=n_uncertain, refresh=False)
+        pending.clear()
 
     def save_progress() -> None:
         wall = prior_wall + perf_counter() - start
@@ -280,20 +318,19 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions) ->
 
     try:
         with adapter if adapter is not None else nullcontext():
+            queued = n_uncertain  # uncertain samples scanned so far (recorded or pending)
             for s in scored:
-                t0 = perf_counter()
                 uncertain = threshold is None or s.delta < threshold
-                adaptation = adapter.adapt(s.inputs, s.sample.index) if uncertain and adapter else None
-                recorder.add(s, uncertain, adaptation, perf_counter() - t0 + s.seconds)
-                n_seen += 1
-                n_uncertain += uncertain
-                bar.update(1)
-                bar.set_postfix(uncertain=n_uncertain, refresh=False)
+                pending.append((s, uncertain))
+                queued += uncertain
+                if queued - n_uncertain >= block:
+                    adapt_pending()
                 if options.checkpoint and n_seen - last_saved >= options.checkpoint_every:
                     save_progress()
                     last_saved = n_seen
-                if options.max_uncertain is not None and n_uncertain >= options.max_uncertain:
+                if options.max_uncertain is not None and queued >= options.max_uncertain:
                     break
+            adapt_pending()
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -310,11 +347,37 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions) ->
         "options": asdict(options),
         "sweep": "one-gradient" if (adapter.one_gradient if adapter else protocol.one_gradient) else "per-lr",
         "gate_threshold": threshold,
+        "adaptation": f"blocks of {block} (torch.func.vmap)" if blocks else "one sample at a time",
         "adapted_parameters": sum(p.numel() for p in adapter.params) if adapter else 0,
         "adapted_parameter_names": _names(adapter, model),
     }
     metadata = {**environment(device), "task": task.metadata(), "resumed_from_sample": done.n_seen if done else 0}
     return RunResult(rows, summarize(rows, wall) if len(rows) else [], config, metadata, interrupted)
+
+
+def _block_adapter(adapter: Adapter | None, model: torch.nn.Module, method: Method, task: Task,
+                   protocol: Protocol, options: RunOptions, device: torch.device) -> tuple[int, BlockAdapter | None]:
+    """Samples adapted at once, and the block adapter when that is more than one: by default
+    blocks on CUDA (faster there), one at a time on CPU (faster there)."""
+    if adapter is None:
+        return 1, None
+    reason = _why_no_blocks(method, protocol, task)
+    want = options.adapt_block
+    if want is None:
+        if device.type != "cuda" or reason:
+            return 1, None
+        want = block_size(sum(p.numel() for p in adapter.params), device, options.max_memory)
+    elif want > 1 and reason:
+        raise TTAError(f"adapt_block={want}: {reason}; use 1")
+    if want <= 1:
+        return 1, None
+    return want, BlockAdapter(model, method, task.class_logits, protocol, adapter.param_names)
+
+
+def _why_no_blocks(method: Method, protocol: Protocol, task: Task) -> str | None:
+    if task.kind != "image":
+        return f"blocks need tensor inputs of one shape (image tasks), not {task.kind} tasks"
+    return supports_blocks(method, protocol)
 
 
 def _fingerprint(task: Task, method: Method, protocol: Protocol, options: RunOptions) -> str:

@@ -1,0 +1,53 @@
+"""Blocks of samples adapted at once with torch.func (the accelerator path) equal the samples
+adapted one at a time, per-sample clipping included; the CPU default stays one at a time."""
+import pytest
+import torch
+
+import tta_bench
+from tta_bench import Protocol, RunOptions, TTAError
+from tta_bench.batched import BlockAdapter
+from tta_bench.engine import Adapter
+
+from conftest import ToyTask
+
+LRS = (1e-2, 1e-1, 1.0)
+
+
+@pytest.mark.parametrize("name,hp", [("ifo", {}), ("ifo", {"weighted": False, "loss": "xent"}),
+                                     ("ifo", {"loss": "entropy", "n_focus": 3}), ("entropy", {})])
+@pytest.mark.parametrize("clip", [1.0, None])
+def test_block_equals_one_at_a_time(name, hp, clip):
+    task, method = ToyTask(), tta_bench.get_method(name, **hp)
+    model, protocol = task.load_model(), Protocol(LRS, clip=clip)
+    x = task.x[:12]
+    with Adapter(model, method, lambda m, v: m(v), protocol) as adapter:
+        one = [adapter.adapt(x[i:i + 1], i) for i in range(len(x))]
+        block = BlockAdapter(model, method, lambda m, v: m(v), protocol, adapter.param_names).adapt(x)
+    clipped = 0
+    for a, b in zip(one, block, strict=True):
+        assert b.updated and not b.nonfinite and (b.forwards, b.backwards) == (a.forwards, a.backwards)
+        assert b.loss == pytest.approx(a.loss, rel=1e-5) and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-5)
+        clipped += clip is not None and a.grad_norm > clip
+        for la, lb in zip(a.logits, b.logits, strict=True):
+            torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4)
+            assert int(la.argmax()) == int(lb.argmax())
+    assert clip is None or clipped >= 3  # per-sample clipping was exercised
+
+
+def test_runner_blocks_give_the_same_predictions(toy_task):
+    method, protocol = tta_bench.get_method("ifo"), Protocol(LRS)
+    one = tta_bench.run(toy_task, method, protocol, RunOptions(progress=False, track=False))
+    blocks = tta_bench.run(toy_task, method, protocol, RunOptions(progress=False, track=False, adapt_block=4))
+    assert one.config["adaptation"] == "one sample at a time"  # the CPU default
+    assert blocks.config["adaptation"] == "blocks of 4 (torch.func.vmap)"
+    cols = ["index", "lr", "pred_source", "pred", "uncertain", "updated", "nonfinite", "forwards", "backwards"]
+    assert one.rows[cols].equals(blocks.rows[cols])
+
+
+def test_blocks_are_refused_where_they_would_be_wrong(toy_task):
+    with pytest.raises(TTAError, match="blocks need one plain SGD step"):
+        tta_bench.run(toy_task, tta_bench.get_method("ifo"), Protocol(LRS, momentum=0.9),
+                      RunOptions(progress=False, track=False, adapt_block=4))
+    with pytest.raises(TTAError, match="method sar is not batchable"):
+        tta_bench.run(toy_task, tta_bench.get_method("sar"), Protocol(LRS),
+                      RunOptions(progress=False, track=False, adapt_block=4))
