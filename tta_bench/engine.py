@@ -170,9 +170,8 @@ class Adapter:
         grads = [p.grad for p in live]
         with torch.no_grad():
             for k, lr in enumerate(lrs):
-                if k:
-                    torch._foreach_copy_(live, saved)
-                torch._foreach_add_(live, grads, alpha=-lr)
+                for p, s, g in zip(live, saved, grads, strict=True):  # p = θ0 − η·g in one pass,
+                    torch.add(s, g, alpha=-lr, out=p)  # bitwise what SGD's step computes
                 out.logits[k] = self._forward(inputs)
                 out.forwards += 1
         return out
