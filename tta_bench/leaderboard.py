@@ -123,9 +123,10 @@ def method_table(at_lr: pd.DataFrame, chosen: dict[str, float], selection: Selec
                "configs": vs.n, "mean Δacc": vs.mean, "std": vs.std, "Δacc>0": vs.n_pos,
                "Δacc<0": vs.n_neg, "p sign": vs.p_sign, "p t": vs.p_t, "p Wilcoxon": vs.p_wilcoxon,
                "CI95 low": vs.ci_low, "CI95 high": vs.ci_high}
-        if reference in deltas.columns and method != reference:
+        if reference in deltas.columns:
             both = deltas[[reference, method]].dropna()
-            row[f"p t {reference}>"], row[f"p W {reference}>"] = stats.paired(both[reference], both[method])
+            row[f"p t {reference}>"], row[f"p W {reference}>"] = (
+                stats.paired(both[reference], both[method]) if method != reference else (math.nan, math.nan))
         g = at_lr[at_lr["method"] == method]
         row.update({"fwd/sample": g["forwards_per_sample"].mean(), "bwd/sample": g["backwards_per_sample"].mean(),
                     "samples/s": g["samples_per_s"].mean()})

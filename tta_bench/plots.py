@@ -7,6 +7,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
@@ -39,6 +40,10 @@ def threshold_plot(table: pd.DataFrame, path: Path) -> Path:
         right.plot(g["threshold"], g["frac_uncertain"], marker="o", label=method)
     left.set(xscale="log", xlabel="threshold d", ylabel="mean Δacc (points)")
     right.set(xscale="log", xlabel="threshold d", ylabel="fraction uncertain")
+    ticks = sorted(table["threshold"].unique())
+    for ax in (left, right):
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(ticks, [f"{d:g}" for d in ticks])
     left.legend(fontsize=8)
     return _save(fig, path)
 
@@ -49,23 +54,23 @@ def cd_diagram(ranks: pd.DataFrame, cd: float, path: Path) -> Path:
     ranks = ranks.sort_values("average rank").reset_index(drop=True)
     k = len(ranks)
     r = ranks["average rank"].to_numpy()
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.3 * k))
-    ax.set(xlim=(0.5, k + 0.5), ylim=(-k - 1, 2.2))
+    fig, ax = plt.subplots(figsize=(8, 1.4 + 0.3 * k))
+    ax.set(xlim=(-1.6, k + 2.6), ylim=(-0.8 - 0.5 * k, 2.0))
     ax.axis("off")
     ax.hlines(0, 1, k, color="black")
     for i in range(1, k + 1):
         ax.vlines(i, 0, 0.15, color="black")
         ax.text(i, 0.3, str(i), ha="center", fontsize=8)
-    ax.hlines(1.4, 1, 1 + cd, color="red", lw=2)
-    ax.text(1 + cd / 2, 1.6, f"CD = {cd:.2f}", ha="center", fontsize=8, color="red")
-    for i, (name, rank) in enumerate(zip(ranks["method"], r)):
-        y = -0.6 - 0.5 * i
-        ax.plot([rank, rank, 0.6 if rank <= (k + 1) / 2 else k + 0.4], [0, y, y], color="black", lw=0.8)
-        left = rank <= (k + 1) / 2
-        ax.text(0.55 if left else k + 0.45, y, f"{name} ({rank:.2f})", va="center", fontsize=8,
-                ha="left" if left else "right")
+    ax.hlines(1.2, 1, 1 + cd, color="red", lw=2)
+    ax.text(1 + cd / 2, 1.4, f"CD = {cd:.2f}", ha="center", fontsize=8, color="red")
+    for i, (name, rank) in enumerate(zip(ranks["method"], r, strict=True)):
+        y, left = -0.8 - 0.5 * i, rank <= (k + 1) / 2
+        end = 0.8 if left else k + 0.2
+        ax.plot([rank, rank, end], [0, y, y], color="black", lw=0.8)
+        ax.text(end - 0.05 if left else end + 0.05, y, f"{name} ({rank:.2f})", va="center", fontsize=8,
+                ha="right" if left else "left")
     for j, (a, b) in enumerate(cliques(r, cd)):
-        ax.hlines(-0.25 - 0.12 * j, r[a] - 0.03, r[b] + 0.03, color="blue", lw=3)
+        ax.hlines(-0.2 - 0.12 * j, r[a] - 0.05, r[b] + 0.05, color="blue", lw=3)
     return _save(fig, path)
 
 
