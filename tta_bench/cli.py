@@ -126,6 +126,8 @@ def build_parser() -> Parser:
     sw.add_argument("--dry-run", action="store_true", help="list the jobs and their count, run nothing")
     sw.add_argument("--workers", type=int, default=1, help="parallel local worker processes (default 1; "
                     "one GPU each when there are GPUs)")
+    sw.add_argument("--threads-per-worker", type=int, help="CPU threads of each local worker "
+                    "(default: #cores / --workers; results can differ in the last bits across thread counts)")
     sw.add_argument("--executor", choices=("local", "submitit"), default="local")
     sw.add_argument("--cluster", choices=("auto", "slurm", "local"), default="auto",
                     help="submitit backend (auto: Slurm when available)")
@@ -294,7 +296,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         statuses = run_submitit(folders, state / "submitit", uri, experiment, args.checkpoint_every,
                                 cluster=None if args.cluster == "auto" else args.cluster, report=report, **params)
     else:
-        statuses = run_local(folders, args.workers, uri, experiment, args.checkpoint_every, report=report)
+        statuses = run_local(folders, args.workers, uri, experiment, args.checkpoint_every, report=report,
+                             threads=args.threads_per_worker)
     counts: dict[str, int] = {}
     for status in statuses.values():
         counts[status["status"]] = counts.get(status["status"], 0) + 1

@@ -120,13 +120,14 @@ def _run_job(folder: Path, uri: str | None, experiment: str, threads: int | None
 
 
 def run_local(folders: list[Path], workers: int, tracking_uri: str | None, experiment: str,
-              checkpoint_every: int, report=print) -> dict[Path, dict]:
+              checkpoint_every: int, report=print, threads: int | None = None) -> dict[Path, dict]:
     """One worker process per job, `workers` at a time: each on its own GPU when there are GPUs
     (CUDA_VISIBLE_DEVICES), else with an equal share of the CPU threads."""
     import torch
 
     gpus = torch.cuda.device_count()
-    threads = None if gpus else max(1, (os.cpu_count() or 1) // workers)
+    if threads is None and not gpus:
+        threads = max(1, (os.cpu_count() or 1) // workers)
     pending, running, free = list(folders), {}, list(range(workers))
     statuses: dict[Path, dict] = {}
     try:
