@@ -51,3 +51,15 @@ def test_blocks_are_refused_where_they_would_be_wrong(toy_task):
     with pytest.raises(TTAError, match="method sar is not batchable"):
         tta_bench.run(toy_task, tta_bench.get_method("sar"), Protocol(LRS),
                       RunOptions(progress=False, track=False, adapt_block=4))
+
+
+@pytest.mark.slow
+def test_blocks_on_the_real_model_predict_the_same():
+    task, method, protocol = tta_bench.get_task("cifar10"), tta_bench.get_method("ifo"), Protocol((2.05e-2, 0.1))
+    one = tta_bench.run(task, method, protocol, RunOptions(limit=60, progress=False, track=False))
+    blocks = tta_bench.run(task, method, protocol, RunOptions(limit=60, progress=False, track=False, adapt_block=8))
+    assert one.summary[0]["n_uncertain"] >= 5
+    cols = ["index", "lr", "pred", "uncertain", "updated", "nonfinite"]
+    assert one.rows[cols].equals(blocks.rows[cols])
+    unc = one.rows.uncertain
+    assert ((one.rows.grad_norm[unc] - blocks.rows.grad_norm[unc]).abs() / one.rows.grad_norm[unc]).max() < 1e-3
