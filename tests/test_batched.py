@@ -63,3 +63,16 @@ def test_blocks_on_the_real_model_predict_the_same():
     assert one.rows[cols].equals(blocks.rows[cols])
     unc = one.rows.uncertain
     assert ((one.rows.grad_norm[unc] - blocks.rows.grad_norm[unc]).abs() / one.rows.grad_norm[unc]).max() < 1e-3
+
+
+def test_a_model_vmap_cannot_batch_falls_back_to_one_at_a_time(toy_task, monkeypatch):
+    def unbatchable(self, inputs):
+        raise RuntimeError("vmap: It looks like you're calling .item() on a Tensor")
+
+    monkeypatch.setattr(BlockAdapter, "adapt", unbatchable)
+    method, protocol = tta_bench.get_method("ifo"), Protocol(LRS)
+    with pytest.warns(UserWarning, match=r"adapting in blocks failed \(vmap: It looks like"):
+        r = tta_bench.run(toy_task, method, protocol, RunOptions(progress=False, track=False, adapt_block=4))
+    one = tta_bench.run(toy_task, method, protocol, RunOptions(progress=False, track=False))
+    assert r.config["adaptation"].startswith("one sample at a time (blocks failed: vmap")
+    assert r.rows["pred"].equals(one.rows["pred"])

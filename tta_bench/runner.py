@@ -288,18 +288,23 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions) ->
     scored = source_pass(task, model, stream, options.batch_size, device)
     start, interrupted = perf_counter(), False
     pending: list[tuple[Scored, bool]] = []  # scanned, waiting for their block to be adapted
+    fallback = ""  # why blocks were given up, if they were
 
     def adapt_pending() -> None:
         """Adapt the pending uncertain samples (one at a time, or as one block); record all."""
-        nonlocal n_seen, n_uncertain
+        nonlocal n_seen, n_uncertain, blocks, block, fallback
         gated = [s for s, uncertain in pending if uncertain]
         t0 = perf_counter()
-        if adapter is None or not gated:
-            results = []
-        elif blocks is None:
+        results = []
+        if adapter is not None and gated and blocks is not None:
+            try:
+                results = blocks.adapt(torch.cat([s.inputs for s in gated]))
+            except RuntimeError as err:  # an op vmap cannot batch: this model adapts one at a time
+                fallback = str(err).strip().splitlines()[0][:200]
+                warnings.warn(f"adapting in blocks failed ({fallback}); adapting one sample at a time")
+                blocks, block = None, 1
+        if adapter is not None and gated and blocks is None:
             results = [adapter.adapt(s.inputs, s.sample.index) for s in gated]
-        else:
-            results = blocks.adapt(torch.cat([s.inputs for s in gated]))
         share = (perf_counter() - t0) / max(1, len(gated))
         it = iter(results)
         for s, uncertain in pending:
@@ -347,7 +352,8 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions) ->
         "options": asdict(options),
         "sweep": "one-gradient" if (adapter.one_gradient if adapter else protocol.one_gradient) else "per-lr",
         "gate_threshold": threshold,
-        "adaptation": f"blocks of {block} (torch.func.vmap)" if blocks else "one sample at a time",
+        "adaptation": (f"blocks of {block} (torch.func.vmap)" if blocks else "one sample at a time"
+                       + (f" (blocks failed: {fallback})" if fallback else "")),
         "adapted_parameters": sum(p.numel() for p in adapter.params) if adapter else 0,
         "adapted_parameter_names": _names(adapter, model),
     }
