@@ -95,10 +95,16 @@ def choose_lrs(runs: pd.DataFrame, selection: Selection) -> dict[str, float]:
             except TTAError:
                 continue
         nearest = lrs[np.argmin(np.abs(np.log(lrs / target)))]
-        if abs(math.log(nearest / target)) <= math.log(2) + 1e-9 and (selection.mode != "fixed"
-                                                                      or math.isclose(nearest, target, rel_tol=1e-3)):
+        near = (math.isclose(nearest, target, rel_tol=1e-3) if selection.mode == "fixed"
+                else abs(math.log(nearest / target)) <= math.log(2) + 1e-9)
+        if near:
             chosen[method] = float(nearest)
     return chosen
+
+
+def at_chosen(runs: pd.DataFrame, chosen: dict[str, float]) -> pd.DataFrame:
+    """The rows at each method's chosen learning rate."""
+    return runs[[math.isclose(lr, chosen.get(m, -1.0), rel_tol=1e-9) for m, lr in zip(runs["method"], runs["lr"], strict=True)]]
 
 
 def _fmt(column: str, x: float) -> str:
@@ -160,8 +166,7 @@ def lr_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 def threshold_table(runs: pd.DataFrame, chosen: dict[str, float]) -> pd.DataFrame:
     """Δacc and frac_uncertain vs the threshold d at each method's chosen lr (Figure 6)."""
-    at = runs[[math.isclose(lr, chosen.get(m, -1.0), rel_tol=1e-9) for m, lr in zip(runs["method"], runs["lr"])]]
-    at = at.dropna(subset=["threshold"])
+    at = at_chosen(runs, chosen).dropna(subset=["threshold"])
     # per method, only the configurations run at every one of its thresholds (comparable means)
     n_th = at.groupby(["method", "configuration"])["threshold"].transform("nunique")
     at = at[n_th == at.groupby("method")["threshold"].transform("nunique")]
@@ -182,26 +187,27 @@ def friedman_table(at_lr: pd.DataFrame) -> tuple[pd.DataFrame, stats.Friedman] |
     return table.reset_index(drop=True), result
 
 
-def write_table(table: pd.DataFrame, path: Path, caption: str) -> list[Path]:
-    """CSV with raw numbers; Markdown, HTML and LaTeX with rounded ones and the caption."""
+def write_table(table: pd.DataFrame, path: Path, caption: str) -> tuple[list[Path], str]:
+    """CSV with raw numbers; Markdown, HTML and LaTeX with rounded ones and the caption.
+    Returns the files written and the Markdown."""
     path.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(path.with_suffix(".csv"), index=False)
     shown = table.copy()
     for col in shown.columns:
         if shown[col].dtype.kind == "f":
             shown[col] = [("–" if pd.isna(x) else _fmt(col, x)) for x in shown[col]]
-    written = [path.with_suffix(".csv")]
+    written, markdown = [path.with_suffix(".csv")], ""
     for ext, fmt in FORMATS.items():
         body = tabulate(shown, headers="keys", tablefmt=fmt, showindex=False, disable_numparse=True)
         if ext == "md":
-            body = f"{caption}\n\n{body}\n"
+            body = markdown = f"{caption}\n\n{body}\n"
         elif ext == "html":
             body = body.replace("<table>", f"<table>\n<caption>{caption}</caption>", 1)
         else:
             body = f"% {caption}\n{body}\n"
         path.with_suffix(f".{ext}").write_text(body)
         written.append(path.with_suffix(f".{ext}"))
-    return written
+    return written, markdown
 
 
 def build(uri: str | None, experiment: str, out: Path, selection: Selection, threshold: float = 0.16,
@@ -225,9 +231,11 @@ def build(uri: str | None, experiment: str, out: Path, selection: Selection, thr
         if main.empty:
             continue
         chosen = choose_lrs(main, selection)
+        sections.append(f"## {task}\n")
         if missing := sorted(set(main["method"]) - set(chosen)):
             sections.append(f"{task}: left out, no run at a learning rate near their default: {', '.join(missing)}\n")
-        at_lr = main[[math.isclose(lr, chosen.get(m, -1.0), rel_tol=1e-9) for m, lr in zip(main["method"], main["lr"])]]
+        at_lr = at_chosen(main, chosen)
+        by_lr = lr_table(main)
         n_conf = main["configuration"].nunique()
         head = f"{task}: {n_conf} configuration(s), d = {threshold:g}; {selection.caption()}"
         tables = {
@@ -236,7 +244,7 @@ def build(uri: str | None, experiment: str, out: Path, selection: Selection, thr
                         f"(sign test, t-test, Wilcoxon; Holm across methods) and vs {reference} (paired)."),
             "configurations": (configuration_table(at_lr, reference),
                                f"{head}. Per configuration: Δacc in points (n_fixed/n_broken)."),
-            "learning_rates": (lr_table(main), f"{task}: mean Δacc and #configurations improved per learning rate."),
+            "learning_rates": (by_lr, f"{task}: mean Δacc and #configurations improved per learning rate."),
         }
         if (fr := friedman_table(at_lr)) is not None:
             table, result = fr
@@ -246,10 +254,10 @@ def build(uri: str | None, experiment: str, out: Path, selection: Selection, thr
         if not (th := threshold_table(task_runs, chosen)).empty:
             tables["thresholds"] = (th, f"{task}: Δacc and frac_uncertain vs threshold d; {selection.caption()}.")
             written.append(plots.threshold_plot(th, folder / "threshold.png"))
-        written.append(plots.lr_plot(lr_table(main), folder / "delta_vs_lr.png"))
-        sections.append(f"## {task}\n")
+        written.append(plots.lr_plot(by_lr, folder / "delta_vs_lr.png"))
         for name, (table, caption) in tables.items():
-            written += write_table(table, folder / name, caption)
-            sections.append(f"### {name}\n\n" + (folder / f"{name}.md").read_text())
+            files, markdown = write_table(table, folder / name, caption)
+            written += files
+            sections.append(f"### {name}\n\n{markdown}")
     (out / "LEADERBOARD.md").write_text("\n".join(sections))
     return [*written, out / "LEADERBOARD.md"]
