@@ -84,8 +84,7 @@ class Tracker:
 
     def find(self, key: str) -> str | None:
         """The id of the complete top-level run already logged for these results, if any."""
-        done = [r for r in self._top_runs(KEY, key) if r.info.status in ("FINISHED", "KILLED")]
-        return done[0].info.run_id if done else None
+        return _complete(self._top_runs(KEY, key))
 
     def find_job(self, job_key: str) -> str | None:
         """The id of a sweep job's finished top-level run, if any."""
@@ -104,9 +103,10 @@ class Tracker:
 
     def _log(self, result: Any, extra: dict[str, str]) -> str:
         key = result.key
-        if (existing := self.find(key)) is not None:
+        logged = self._top_runs(KEY, key)
+        if (existing := _complete(logged)) is not None:
             return existing
-        for stale in self._top_runs(KEY, key):  # left half-logged by a crash: replace it
+        for stale in logged:  # left half-logged by a crash: replace it
             for child in self.client.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{stale.info.run_id}'"):
                 self.client.delete_run(child.info.run_id)
             self.client.delete_run(stale.info.run_id)
@@ -153,6 +153,11 @@ class Tracker:
                 (Path(tmp) / "run.json").write_text(json.dumps(record, indent=2, default=str))
                 self.client.log_artifact(run_id, str(Path(tmp) / "run.json"))
         return run_id
+
+
+def _complete(top_runs: list) -> str | None:
+    done = [r for r in top_runs if r.info.status in ("FINISHED", "KILLED")]
+    return done[0].info.run_id if done else None
 
 
 def _artifact_location(uri: str, experiment: str) -> str | None:
