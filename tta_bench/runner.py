@@ -49,13 +49,12 @@ class RunResult:
     config: dict
     metadata: dict
     interrupted: bool = False
+    tracking: str | None = None  # id of its top-level MLflow run, once logged
 
     def table(self, fmt: str = "simple") -> str:
         data = [[s[k] for k in TABLE_COLUMNS] for s in self.summary]
         return tabulate(data, headers=list(TABLE_COLUMNS.values()), tablefmt=fmt,
                         floatfmt=("g", "g", "g", ".3f", ".2f", ".2f", "+.2f", "g", "g", ".3g", "g", ".2f"))
-
-    tracking: str | None = None  # id of its top-level MLflow run, once logged
 
     def record(self) -> dict:
         return {"config": self.config, "metadata": self.metadata, "summary": self.summary,
@@ -235,7 +234,7 @@ def run(task: Task, method: Method, protocol: Protocol, options: RunOptions | No
             _warn_untracked(str(err), out, options)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if options.autocast else nullcontext()
     with cuda_precision(options.tf32), autocast:
-        result = _run(task, method, protocol, options)
+        result = _run(task, method, protocol, options, device)
     if out is not None:
         result.save(out)
     if tracker is not None:
@@ -262,8 +261,7 @@ def default_out(task: Task, method: Method) -> Path:
     return Path("runs") / f"{task.name}-{method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions) -> RunResult:
-    device = resolve_device(options.device)
+def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, device: torch.device) -> RunResult:
     random.seed(options.seed)
     np.random.seed(options.seed)
     torch.manual_seed(options.seed)
@@ -352,8 +350,8 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions) ->
         "options": asdict(options),
         "sweep": "one-gradient" if (adapter.one_gradient if adapter else protocol.one_gradient) else "per-lr",
         "gate_threshold": threshold,
-        "adaptation": (f"blocks of {block} (torch.func.vmap)" if blocks else "one sample at a time"
-                       + (f" (blocks failed: {fallback})" if fallback else "")),
+        "adaptation": (f"blocks of {block} (torch.func.vmap)" if blocks else
+                       f"one sample at a time (blocks failed: {fallback})" if fallback else "one sample at a time"),
         "adapted_parameters": sum(p.numel() for p in adapter.params) if adapter else 0,
         "adapted_parameter_names": _names(adapter, model),
     }
@@ -364,17 +362,15 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions) ->
 def _block_adapter(adapter: Adapter | None, model: torch.nn.Module, method: Method, task: Task,
                    protocol: Protocol, options: RunOptions, device: torch.device) -> tuple[int, BlockAdapter | None]:
     """Samples adapted at once, and the block adapter when that is more than one: by default
-    blocks on CUDA (faster there), one at a time on CPU (faster there)."""
+    blocks on CUDA (faster there), one at a time on CPU (faster there). An explicit
+    adapt_block > 1 that cannot work was refused by `run` before any work."""
     if adapter is None:
         return 1, None
-    reason = _why_no_blocks(method, protocol, task)
     want = options.adapt_block
     if want is None:
-        if device.type != "cuda" or reason:
+        if device.type != "cuda" or _why_no_blocks(method, protocol, task):
             return 1, None
         want = block_size(sum(p.numel() for p in adapter.params), device, options.max_memory)
-    elif want > 1 and reason:
-        raise TTAError(f"adapt_block={want}: {reason}; use 1")
     if want <= 1:
         return 1, None
     return want, BlockAdapter(model, method, task.class_logits, protocol, adapter.param_names)
