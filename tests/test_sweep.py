@@ -17,7 +17,7 @@ import tta_bench
 from tta_bench import Protocol, RunOptions, TTAError
 from tta_bench.cli import main
 from tta_bench.executor import prepare, run_job, run_submitit
-from tta_bench.sweep import expand, jobs_from_spec, load_spec
+from tta_bench.sweep import expand, jobs_from_spec, load_spec, run_parts
 from tta_bench.tracking import JOB, KIND
 
 from conftest import ToyTask
@@ -208,11 +208,8 @@ def test_two_workers_kill_restart_and_resume(tmp_path):
         resumed = json.loads((state / "jobs" / killed / "result" / "run.json").read_text())
         assert resumed["metadata"]["resumed_from_sample"] > 0
         config = json.loads((state / "jobs" / killed / "job.json").read_text())["config"]
-        p = config["protocol"]
-        full = tta_bench.run(tta_bench.get_task(config["task"], **config["task_options"]),
-                             tta_bench.get_method(config["method"], **config["hparams"]),
-                             Protocol(tuple(p["lrs"]), **{k: v for k, v in p.items() if k != "lrs"}),
-                             RunOptions(**config["options"], progress=False, track=False))
+        task, method, protocol, options = run_parts(config)
+        full = tta_bench.run(task, method, protocol, RunOptions(**options, progress=False, track=False))
         rows = pd.read_parquet(state / "jobs" / killed / "result" / "samples.parquet")
         cols = [c for c in rows.columns if c != "seconds"]
         pd.testing.assert_frame_equal(rows[cols], full.rows[cols])

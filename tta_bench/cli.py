@@ -254,7 +254,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .executor import prepare, run_local, run_submitit
+    from .executor import finished, prepare, read_status, run_local, run_submitit
     from .sweep import jobs_from_spec, load_spec
 
     spec = load_spec(args.spec)
@@ -277,7 +277,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except TrackingUnavailable as err:
         tracker = None
         warnings.warn(f"{err}; jobs keep their results under {state}; re-run this command to upload them")
-    todo = [job for job in jobs if not _finished(job, tracker, state)]
+    todo = [job for job in jobs if finished(job.key, tracker, read_status(state / "jobs" / job.key)) is None]
     print(f"{len(jobs)} jobs: {len(jobs) - len(todo)} already finished, {len(todo)} to run")
     try:
         folders = prepare(state, todo, spec["name"])
@@ -308,16 +308,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
               f"re-run the same command to retry and resume them", file=sys.stderr)
         return 1
     return 0
-
-
-def _finished(job, tracker: Tracker | None, state: Path) -> bool:
-    """Finished per MLflow; per the job's local status when MLflow cannot be reached."""
-    from .executor import read_status
-
-    if tracker is not None:
-        return tracker.find_job(job.key) is not None
-    status = read_status(state / "jobs" / job.key)
-    return bool(status) and status["status"] in ("done", "skipped")
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

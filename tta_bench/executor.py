@@ -20,9 +20,13 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import TTAError
 from .sweep import Job
+
+if TYPE_CHECKING:
+    from .tracking import Tracker
 
 STATUS, CHECKPOINT, RESULT = "status.json", "checkpoint.parquet", "result"
 
@@ -75,9 +79,8 @@ def _run_job(folder: Path, uri: str | None, experiment: str, threads: int | None
              previous: dict | None) -> dict:
     import torch
 
-    from .engine import Protocol
-    from .registry import get_method, get_task
     from .runner import RunOptions, RunResult, run
+    from .sweep import run_parts
     from .tracking import JOB, SWEEP, Tracker, TrackingUnavailable
 
     job = json.loads((folder / "job.json").read_text())
@@ -87,22 +90,18 @@ def _run_job(folder: Path, uri: str | None, experiment: str, threads: int | None
         tracker, why = Tracker(uri, experiment), ""
     except TrackingUnavailable as err:
         tracker, why = None, str(err)
-    if tracker is not None and (run_id := tracker.find_job(key)):
-        return {"status": "skipped", "run_id": run_id}
-    if tracker is None and previous and previous["status"] in ("done", "skipped"):  # known locally
-        return {**previous, "status": "skipped"}
+    if (skipped := finished(key, tracker, previous)) is not None:
+        return skipped
     result_dir = folder / RESULT
     if (result_dir / "run.json").is_file():  # computed by an earlier attempt, not yet logged
         result, resumed = RunResult.load(result_dir), "logged a result saved earlier"
     else:
         if threads:
             torch.set_num_threads(threads)
-        p = config["protocol"]
-        protocol = Protocol(lrs=tuple(p["lrs"]), **{k: v for k, v in p.items() if k != "lrs"})
-        options = RunOptions(**config["options"], progress=False, out=result_dir, track=False,
-                             checkpoint=folder / CHECKPOINT, checkpoint_every=every)
-        result = run(get_task(config["task"], **config["task_options"]),
-                     get_method(config["method"], **config["hparams"]), protocol, options)
+        task, method, protocol, options = run_parts(config)
+        result = run(task, method, protocol, RunOptions(
+            **options, progress=False, out=result_dir, track=False, checkpoint=folder / CHECKPOINT,
+            checkpoint_every=every))
         if result.interrupted:
             return {"status": "failed", "error": "interrupted; re-run to resume from the checkpoint"}
         (folder / CHECKPOINT).unlink(missing_ok=True)
@@ -117,6 +116,17 @@ def _run_job(folder: Path, uri: str | None, experiment: str, threads: int | None
     except TrackingUnavailable as err:
         return {"status": "unsynced", "error": str(err), "resumed_from": resumed}
     return {"status": "done", "run_id": run_id, "resumed_from": resumed}
+
+
+def finished(key: str, tracker: Tracker | None, status: dict | None) -> dict | None:
+    """The "skipped" status of a finished job, else None: finished per MLflow, or per the job's
+    last local status when MLflow cannot be reached."""
+    if tracker is not None:
+        run_id = tracker.find_job(key)
+        return {"status": "skipped", "run_id": run_id} if run_id else None
+    if status and status["status"] in ("done", "skipped"):
+        return {**status, "status": "skipped"}
+    return None
 
 
 def run_local(folders: list[Path], workers: int, tracking_uri: str | None, experiment: str,

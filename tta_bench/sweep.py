@@ -150,5 +150,16 @@ def jobs_from_spec(spec: dict) -> tuple[list[Job], list[str]]:
     return list(jobs.values()), sorted(set(notes))
 
 
+def run_parts(config: dict) -> tuple[Any, Any, Any, dict]:
+    """The task, method, protocol and RunOptions arguments a resolved job configuration stands for."""
+    from .engine import Protocol
+    from .registry import get_method, get_task
+
+    p = config["protocol"]
+    protocol = Protocol(lrs=tuple(p["lrs"]), **{k: v for k, v in p.items() if k != "lrs"})
+    return (get_task(config["task"], **config["task_options"]),
+            get_method(config["method"], **config["hparams"]), protocol, dict(config["options"]))
+
+
 def _without(block: dict, *keys: str) -> dict:
     return {k: v for k, v in block.items() if k not in keys}
