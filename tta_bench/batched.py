@@ -81,13 +81,14 @@ class BlockAdapter:
         scale = torch.ones_like(norms)
         if self.protocol.clip is not None:
             scale = torch.clamp(self.protocol.clip / (norms + CLIP_EPS), max=1.0)
-        finite = torch.isfinite(losses) & torch.isfinite(norms)
-        out = [Adaptation(logits=[None] * len(self.protocol.lrs), loss=float(losses[i]), grad_norm=float(norms[i]),
-                          updated=bool(finite[i]), nonfinite=not bool(finite[i]), forwards=1, backwards=1)
-               for i in range(b)]
+        finite = (torch.isfinite(losses) & torch.isfinite(norms)).tolist()
+        out = [Adaptation(logits=[None] * len(self.protocol.lrs), loss=loss, grad_norm=norm, updated=ok,
+                          nonfinite=not ok, forwards=1, backwards=1)
+               for loss, norm, ok in zip(losses.tolist(), norms.tolist(), finite, strict=True)]
         with torch.no_grad():
+            clipped = {n: g * _expand(scale, g) for n, g in grads.items()}  # once, for every lr
             for k, lr in enumerate(self.protocol.lrs):
-                theta = {n: self.theta0[n] - lr * (g * _expand(scale, g)) for n, g in grads.items()}
+                theta = {n: self.theta0[n] - lr * g for n, g in clipped.items()}
                 logits = vmap(logits_of, in_dims=(0, 0))(theta, inputs)
                 for i in range(b):
                     if out[i].updated:
