@@ -228,9 +228,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
     new = 0
     for folder in folders:
         result = RunResult.load(folder)
-        existed = tracker.find(result.key) is not None
         try:
-            run_id = tracker.log(result)
+            run_id = tracker.find(result.key)
+            existed = run_id is not None
+            run_id = run_id or tracker.log(result)
         except TrackingUnavailable as err:
             raise TTAError(f"{err} (while uploading {folder}); nothing after it was uploaded, "
                            f"re-run the same command to continue") from None

@@ -109,9 +109,9 @@ def _run_job(folder: Path, uri: str | None, experiment: str, threads: int | None
         resumed = f"resumed from sample {start}" if start else ""
     if tracker is None:
         return {"status": "unsynced", "error": why, "resumed_from": resumed}
-    if run_id := tracker.find_job(key):  # finished meanwhile by another attempt: keep that one
-        return {"status": "skipped", "run_id": run_id}
     try:
+        if (skipped := finished(key, tracker, None)) is not None:  # by another attempt meanwhile
+            return skipped
         run_id = tracker.log(result, tags={JOB: key, SWEEP: job["sweep"]})
     except TrackingUnavailable as err:
         return {"status": "unsynced", "error": str(err), "resumed_from": resumed}

@@ -79,7 +79,10 @@ class Tracker:
             return found.experiment_id
 
     def _top_runs(self, tag: str, value: str) -> list:
-        runs = self.client.search_runs([self.experiment_id], f"tags.`{tag}` = '{value}'", max_results=1000)
+        try:
+            runs = self.client.search_runs([self.experiment_id], f"tags.`{tag}` = '{value}'", max_results=1000)
+        except Exception as err:  # MLflow, requests and SQLAlchemy raise many types
+            raise TrackingUnavailable(f"searching MLflow at {self.uri} failed: {_first_line(err)}") from None
         return [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
 
     def find(self, key: str) -> str | None:
