@@ -121,17 +121,17 @@ def jobs_from_spec(spec: dict) -> tuple[list[Job], list[str]]:
     for (t, only), (m, _) in itertools.product(blocks["tasks"], blocks["methods"]):
         if only is not None and m["name"] not in only:  # the task block names its methods
             continue
+        task = get_task(t["name"], **{k: v for k, v in t.items() if k != "name" and k not in RUN_SETTINGS})
+        method = get_method(m["name"], **{k: v for k, v in m.items() if k != "name" and k not in RUN_SETTINGS})
+        try:
+            method.supports(task)
+        except TTAError as err:
+            notes.append(f"left out: {err}")
+            continue
         settings = {**RUN_SETTINGS, **top}
         for block in (t, m):
             settings.update({k: v for k, v in block.items() if k in RUN_SETTINGS})
         for run in expand(settings, spec.get("pair")):
-            task = get_task(t["name"], **{k: v for k, v in t.items() if k != "name" and k not in RUN_SETTINGS})
-            method = get_method(m["name"], **{k: v for k, v in m.items() if k != "name" and k not in RUN_SETTINGS})
-            try:
-                method.supports(task)
-            except TTAError as err:
-                notes.append(f"left out: {err}")
-                continue
             if run["lr_grid"] is not None and run["lr"] is not None:
                 raise TTAError("give lr or lr_grid, not both")
             if run["lr_grid"] is not None and run["lr_grid"] not in LR_GRIDS:
