@@ -107,8 +107,8 @@ def main() -> None:
                                       adapt_block=args.adapt_block))
     engine_s = time.perf_counter() - t0  # includes model loading, like the naive side below
     engine_scan = result.summary[0]["wall_seconds"]  # without model loading
-    engine_mem = peak_memory_mib(resolve_device(args.device))
     device = resolve_device(args.device)
+    engine_mem = peak_memory_mib(device)
     model = task.load_model().to(device).eval()
     with cuda_precision(False):  # the engine's default numerics
         naive_preds, naive_gates, naive_s = ({}, {}, float("nan")) if args.skip_naive else naive(

@@ -69,6 +69,8 @@ def test_bad_specs_are_clear_errors(tmp_path, capsys):
         load_spec(path)
     with pytest.raises(TTAError, match="method ifo has no option wieghted"):
         jobs_from_spec({**SPEC, "methods": [{"name": "ifo", "wieghted": True}]})
+    with pytest.raises(TTAError, match=r"threshold must be in \(0, 1\]"):  # protocol checked before any job
+        jobs_from_spec({**SPEC, "threshold": [2.0, 0.16]})
     path.write_text('name = "x"\ntasks = [{name = "cifar10"}]\nmethods = [{name = "ifo"}, {name = "dofo"}]\n')
     assert main(["sweep", str(path), "--dry-run"]) == 0
     assert capsys.readouterr().out.strip().endswith("2 jobs")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +30,13 @@ def save(path: Path, progress: Progress, fingerprint: str) -> None:
     meta = {"fingerprint": fingerprint, "n_seen": progress.n_seen, "n_uncertain": progress.n_uncertain,
             "wall": progress.wall}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), META: json.dumps(meta).encode()})
+    write_atomically(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """`write` fills a temporary file beside `path`, which then replaces `path` in one rename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
+    write(tmp)
     os.replace(tmp, path)
 
 

@@ -5,6 +5,7 @@ import argparse
 import sys
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import NoReturn, Sequence
 
@@ -299,9 +300,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     else:
         statuses = run_local(folders, args.workers, uri, experiment, args.checkpoint_every, report=report,
                              threads=args.threads_per_worker)
-    counts: dict[str, int] = {}
-    for status in statuses.values():
-        counts[status["status"]] = counts.get(status["status"], 0) + 1
+    counts = Counter(status["status"] for status in statuses.values())
     print(", ".join(f"{n} {name}" for name, n in sorted(counts.items())) or "nothing to run")
     bad = [f for f, st in statuses.items() if st["status"] in ("failed", "unsynced")]
     if bad:

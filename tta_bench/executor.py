@@ -22,6 +22,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .checkpoint import write_atomically
 from .errors import TTAError
 from .sweep import Job
 
@@ -43,9 +44,7 @@ def prepare(state: Path, jobs: list[Job], sweep: str) -> list[Path]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str)))
 
 
 def read_status(folder: Path) -> dict | None:

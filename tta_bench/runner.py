@@ -107,11 +107,7 @@ class RunOptions:
     autocast: str | None = None  # "bf16": bfloat16 autocast for every forward (CUDA only)
 
     def __post_init__(self) -> None:
-        for name in ("limit", "max_uncertain"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise TTAError(f"{name} must be >= 1, got {value}")
-        for name in ("batch_size", "adapt_block", "checkpoint_every", "max_memory"):
+        for name in ("limit", "max_uncertain", "batch_size", "adapt_block", "checkpoint_every", "max_memory"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise TTAError(f"{name.replace('_', ' ')} must be >= 1, got {value}")

@@ -24,7 +24,7 @@ import hashlib
 import itertools
 import json
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,7 @@ def load_spec(path: Path) -> dict:
 def jobs_from_spec(spec: dict) -> tuple[list[Job], list[str]]:
     """(jobs, notes on combinations left out, e.g. a method that does not support a task)."""
     from .cli import LR_GRIDS
+    from .engine import Protocol
     from .registry import get_method, get_task
 
     top = {k: v for k, v in spec.items() if k in RUN_SETTINGS}
@@ -138,11 +139,11 @@ def jobs_from_spec(spec: dict) -> tuple[list[Job], list[str]]:
                 raise TTAError(f"unknown lr_grid {run['lr_grid']!r}; choose one of: {', '.join(LR_GRIDS)}")
             lrs = (LR_GRIDS[run["lr_grid"]] if run["lr_grid"] else
                    run["lr"] if isinstance(run["lr"], list) else [run["lr"] or method.default_lr])
+            protocol = Protocol(lrs=tuple(float(x) for x in lrs),
+                                **{f.name: run[f.name] for f in fields(Protocol) if f.name != "lrs"})
             config = {
                 "task": task.name, "task_options": task.config, "method": method.name, "hparams": method.config,
-                "protocol": {"lrs": [float(x) for x in lrs], "threshold": run["threshold"], "steps": run["steps"],
-                             "clip": run["clip"], "optimizer": run["optimizer"], "momentum": run["momentum"],
-                             "weight_decay": run["weight_decay"]},
+                "protocol": {**asdict(protocol), "lrs": list(protocol.lrs)},
                 "options": {k: run[k] for k in ("limit", "max_uncertain", "seed", "batch_size", "device")},
             }
             job = Job(config)

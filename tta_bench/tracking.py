@@ -87,12 +87,11 @@ class Tracker:
 
     def find(self, key: str) -> str | None:
         """The id of the complete top-level run already logged for these results, if any."""
-        return _complete(self._top_runs(KEY, key))
+        return _first(self._top_runs(KEY, key))
 
     def find_job(self, job_key: str) -> str | None:
         """The id of a sweep job's finished top-level run, if any."""
-        done = [r for r in self._top_runs(JOB, job_key) if r.info.status == "FINISHED"]
-        return done[0].info.run_id if done else None
+        return _first(self._top_runs(JOB, job_key), ("FINISHED",))
 
     def log(self, result: Any, tags: dict[str, str] | None = None) -> str:
         """Log a RunResult; returns the id of its top-level run (the sweep parent, if a sweep).
@@ -107,7 +106,7 @@ class Tracker:
     def _log(self, result: Any, extra: dict[str, str]) -> str:
         key = result.key
         logged = self._top_runs(KEY, key)
-        if (existing := _complete(logged)) is not None:
+        if (existing := _first(logged)) is not None:
             return existing
         for stale in logged:  # left half-logged by a crash: replace it
             for child in self.client.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{stale.info.run_id}'"):
@@ -158,9 +157,10 @@ class Tracker:
         return run_id
 
 
-def _complete(top_runs: list) -> str | None:
-    done = [r for r in top_runs if r.info.status in ("FINISHED", "KILLED")]
-    return done[0].info.run_id if done else None
+def _first(runs: list, statuses: tuple[str, ...] = ("FINISHED", "KILLED")) -> str | None:
+    """The id of the first run in one of these states (default: completely logged, also a
+    result of an interrupted run)."""
+    return next((r.info.run_id for r in runs if r.info.status in statuses), None)
 
 
 def _artifact_location(uri: str, experiment: str) -> str | None:
