@@ -4,10 +4,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tta_bench.errors import TTAError
 from tta_bench.hparams import HParam
 from tta_bench.method import Method, Step
+from tta_bench.task import Task
 
 LOSSES = ("logits", "xent", "entropy")
+
+
+def check_focus(method: Method, task: Task) -> None:
+    """F must leave at least one class out of focus, or the loss says nothing about the prediction
+    (iFo: every logit raised; doFo: a mean over no classes)."""
+    n_classes = task.num_classes()
+    if n_classes is not None and method.hp.n_focus >= n_classes:
+        raise TTAError(f"method {method.name}: n_focus={method.hp.n_focus} puts every class of task "
+                       f"{task.name} in focus ({n_classes} classes), so the loss is undefined; "
+                       f"use n_focus <= {n_classes - 1}")
 
 
 def entropy(logits: Tensor) -> Tensor:
@@ -35,6 +47,11 @@ class IFo(Method):
         "loss": HParam("logits", str, "logits | xent | entropy (paper Experiments 9, 10)", choices=LOSSES),
     }
 
+    def supports(self, task: Task) -> None:
+        super().supports(task)
+        if self.hp.loss != "entropy":  # the entropy ablation has no focus set
+            check_focus(self, task)
+
     def loss(self, step: Step) -> Tensor:
         z = step.logits
         if self.hp.loss == "entropy":
@@ -52,6 +69,10 @@ class DoFo(Method):
     description = "decrease the logits of the unlikely (out-of-focus) classes"
     default_lr = 2.05e-2
     hparams = {"n_focus": IFo.hparams["n_focus"]}
+
+    def supports(self, task: Task) -> None:
+        super().supports(task)
+        check_focus(self, task)
 
     def loss(self, step: Step) -> Tensor:
         z = step.logits

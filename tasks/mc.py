@@ -65,13 +65,7 @@ def shuffled(record: dict, seed: int, index: int) -> dict:
 
 def load_questions(dataset: str, data_files: str | None, split: str | None) -> list[dict]:
     if data_files:
-        records = []
-        for name in data_files.split(","):
-            path = Path(name).expanduser()
-            if not path.is_file():
-                raise TTAError(f"data file {path} does not exist")
-            text = path.read_text()
-            records += json.loads(text) if path.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
+        records = [r for name in data_files.split(",") for r in _read_records(Path(name).expanduser())]
     elif dataset in EMBEDDED_DATASETS:
         records = json.loads((DATA / f"{dataset}.json").read_text())
     elif dataset in HUB_DATASETS:
@@ -88,12 +82,49 @@ def load_questions(dataset: str, data_files: str | None, split: str | None) -> l
     else:
         raise TTAError(f"unknown dataset {dataset!r}; choose one of: {', '.join(EMBEDDED_DATASETS + tuple(HUB_DATASETS))}"
                        ", or pass --data-files with question/choices/answer records")
-    for i, r in enumerate(records):
-        if not {"question", "choices", "answer"} <= set(r) or not 0 <= int(r["answer"]) < len(r["choices"]):
-            raise TTAError(f"{dataset} record {i} needs question, choices and an answer index into choices")
-        if len(r["choices"]) > len(LETTERS):
-            raise TTAError(f"{dataset} record {i} has {len(r['choices'])} choices; at most {len(LETTERS)}")
+    source = data_files or dataset
+    if not records:
+        raise TTAError(f"{source} holds no questions; expected {RECORD}")
+    return [_checked(r, f"{source} record {i}") for i, r in enumerate(records)]
+
+
+RECORD = ('records {"question": str, "choices": [2..16 str], "answer": index from 0 or letter "A".."P"}')
+
+
+def _read_records(path: Path) -> list:
+    """Records of a .json list or a .jsonl file, with one clear error for a malformed file."""
+    if not path.is_file():
+        raise TTAError(f"data file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise TTAError(f"data file {path} is empty; expected {RECORD}")
+        if path.suffix == ".json":
+            records = json.loads(text)
+        else:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise TTAError(f"data file {path} is binary, not UTF-8 JSON; expected {RECORD}") from None
+    except ValueError as err:
+        raise TTAError(f"data file {path} is not valid JSON ({err}); expected {RECORD}") from None
+    if not isinstance(records, list) or not records:
+        raise TTAError(f"data file {path} holds no list of questions; expected {RECORD}")
     return records
+
+
+def _checked(r: Any, where: str) -> dict:
+    """A record with a str question, 2..16 str choices and an int answer (a letter is accepted)."""
+    ok = isinstance(r, dict) and isinstance(r.get("question"), str) and isinstance(r.get("choices"), list)
+    choices = r["choices"] if ok else []
+    if not ok or not 2 <= len(choices) <= len(LETTERS) or not all(isinstance(c, str) for c in choices):
+        raise TTAError(f"{where} is not a question; expected {RECORD}")
+    answer = r.get("answer")
+    if isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().upper() in LETTERS:
+        answer = LETTERS.index(answer.strip().upper())
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+        raise TTAError(f"{where}: answer {r.get('answer')!r} is not an index from 0 or a letter among its "
+                       f"{len(choices)} choices ({', '.join(LETTERS[:len(choices)])})")
+    return {**r, "answer": answer}
 
 
 class MultipleChoice(LanguageTask):
@@ -160,6 +191,12 @@ class MultipleChoice(LanguageTask):
 
     def num_samples(self) -> int:
         return len(self.questions)
+
+    def num_classes(self) -> int | None:
+        """Known once `check` has loaded the questions (a sweep's expansion does not load them)."""
+        if "questions" not in self.__dict__:
+            return None
+        return min(len(q["choices"]) for q in self.questions)
 
     def samples(self) -> Iterator[Sample]:
         _ = self.letter_ids  # checked before the scan

@@ -70,7 +70,50 @@ def local_files(files: list[str], field: str) -> Iterator[tuple[str, str]]:
             raise TTAError(f"data file {path} does not exist (--data-files takes comma-separated paths)")
         if path.suffix not in (".txt", ".jsonl", ".json", ".parquet"):
             raise TTAError(f"unsupported data file {path.name}: use .txt, .jsonl, .json or .parquet")
+        _check_file(path, field)
     return _read_files(paths, field)
+
+
+def _check_file(path: Path, field: str) -> None:
+    """A cheap look at the head of a data file, so that a wrong file fails before the model loads."""
+    expected = {".txt": "UTF-8 text", ".jsonl": f"one JSON object per line with a {field!r} field",
+                ".json": f"a JSON list of objects with a {field!r} field",
+                ".parquet": f"a Parquet table with a {field!r} column"}[path.suffix]
+    def bad(what: str) -> TTAError:
+        return TTAError(f"data file {path} {what}; expected {expected}")
+    if path.stat().st_size == 0:
+        raise bad("is empty")
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        try:
+            names = pq.read_schema(path).names
+        except (OSError, pa.ArrowException) as err:
+            raise bad(f"is not a readable Parquet file ({str(err)[:80]})") from None
+        if field not in names:
+            raise bad(f"has no {field!r} column (columns: {', '.join(names)}); pass --text-field")
+        return
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    try:
+        text = head.decode("utf-8") if b"\0" not in head else None
+    except UnicodeDecodeError as err:  # a cut multi-byte character at the end is fine
+        text = head[:err.start].decode("utf-8") if err.start > len(head) - 4 else None
+    if text is None:
+        raise bad("is binary, not UTF-8 text")
+    if path.suffix == ".txt":
+        return
+    try:
+        if path.suffix == ".jsonl":
+            first = json.loads(next(line for line in text.splitlines() if line.strip()))
+        else:
+            records = json.loads(path.read_text(encoding="utf-8"))
+            first = records[0] if isinstance(records, list) and records else records
+    except (ValueError, StopIteration) as err:
+        raise bad(f"is not valid JSON ({str(err)[:80]})") from None
+    if not isinstance(first, dict) or field not in first:
+        keys = ", ".join(first) if isinstance(first, dict) else type(first).__name__
+        raise bad(f"has no {field!r} field in its first record ({keys}); pass --text-field")
 
 
 def _read_files(paths: list[Path], field: str) -> Iterator[tuple[str, str]]:
@@ -81,7 +124,11 @@ def _read_files(paths: list[Path], field: str) -> Iterator[tuple[str, str]]:
             yield str(path), path.read_text(encoding="utf-8", errors="replace")
             continue
         kind = "parquet" if path.suffix == ".parquet" else "json"
-        yield from _records(iter(datasets.load_dataset(kind, data_files=str(path), split="train")), field, str(path))
+        try:
+            records = datasets.load_dataset(kind, data_files=str(path), split="train")
+        except Exception as err:  # datasets raises many types for a malformed file
+            raise TTAError(f"data file {path} cannot be read as {kind} ({str(err).strip().splitlines()[0][:120]})") from None
+        yield from _records(iter(records), field, str(path))
 
 
 def hub_corpus(dataset_id: str, config: str | None, field: str, split: str) -> Iterator[tuple[str, str]]:

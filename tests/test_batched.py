@@ -76,3 +76,36 @@ def test_a_model_vmap_cannot_batch_falls_back_to_one_at_a_time(toy_task, monkeyp
     one = tta_bench.run(toy_task, method, protocol, RunOptions(progress=False, track=False))
     assert r.config["adaptation"].startswith("one sample at a time (blocks failed: vmap")
     assert r.rows["pred"].equals(one.rows["pred"])
+
+
+def test_out_of_memory_halves_the_block_and_loses_nothing(toy_task, monkeypatch):
+    """An OOM in a block (injected: blocks of more than 2 samples do not fit) retries it in halves;
+    later blocks keep the size that fitted; predictions equal one sample at a time."""
+    adapt, sizes = BlockAdapter.adapt, []
+
+    def tight(self, inputs):
+        sizes.append(len(inputs))
+        if len(inputs) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return adapt(self, inputs)
+
+    monkeypatch.setattr(BlockAdapter, "adapt", tight)
+    method, protocol = tta_bench.get_method("ifo"), Protocol(LRS, threshold=None)  # all 40 adapted
+    with pytest.warns(UserWarning, match="out of memory in a block; retrying it in blocks of 4"):
+        r = tta_bench.run(toy_task, method, protocol, RunOptions(progress=False, track=False, adapt_block=8))
+    one = tta_bench.run(toy_task, method, protocol, RunOptions(progress=False, track=False))
+    assert sizes[:3] == [8, 4, 2] and max(sizes[3:]) <= 2  # halved twice, then blocks of 2 only
+    assert r.config["adaptation"] == "blocks of 2 (torch.func.vmap), halved from 8 after 2 out-of-memory error(s)"
+    assert r.config["out_of_memory_halvings"] == 2
+    cols = ["index", "lr", "pred", "uncertain", "updated", "nonfinite"]
+    assert r.rows[cols].equals(one.rows[cols])
+
+
+def test_out_of_memory_at_one_sample_stops_keeping_what_finished(toy_task, monkeypatch):
+    def full(self, inputs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(BlockAdapter, "adapt", full)
+    with pytest.warns(UserWarning), pytest.raises(TTAError, match="out of memory adapting a single sample"):
+        tta_bench.run(toy_task, tta_bench.get_method("ifo"), Protocol(LRS),
+                      RunOptions(progress=False, track=False, adapt_block=2))

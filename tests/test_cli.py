@@ -22,7 +22,7 @@ def run_cli(capsys, *argv):
     (["run", "--method", "nope"], "unknown method 'nope'; available:"),
     (["run", "--task", "nope"], "unknown task 'nope'; available:"),
     (["run", "--lr", "abc"], "expected comma-separated numbers, got 'abc'"),
-    (["run", "--lr", "-1"], "learning rates must be > 0"),
+    (["run", "--lr", "-1"], "learning rates must be finite and > 0"),
     (["run", "--lr", "0.1", "--lr-grid", "paper"], "not allowed with argument"),
     (["run", "-H", "weighted=maybe"], "weighted='maybe' is not a valid bool"),
     (["run", "-H", "foo=1"], "method ifo has no option foo"),

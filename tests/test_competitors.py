@@ -122,33 +122,40 @@ def test_sar_parameter_rules():
     assert not any(n.startswith("encoder.ln") for n in names)
 
 
-def sar_expected(model, x, lr, e0, rho=0.05):
-    """Filter, ε = ρ·g/‖g‖, second forward at θ+ε, filter, step at θ with the gradient at θ+ε."""
+def sar_expected(model, x, lr, e0, rho=0.05, sample_stats=False):
+    """Filter, ε = ρ·g/‖g‖, second forward at θ+ε, filter, step at θ with the gradient at θ+ε;
+    sample_stats: every forward normalises BatchNorm with x's own statistics."""
     P = params(model)
     names = sorted(NORMS - {"ln.weight", "ln.bias"})
-    h, g = grad(model, P, names, x, entropy)
+    h, g = grad(model, P, names, x, entropy, sample_stats)
     if h >= e0:
         return None, float(h), None
     norm = math.sqrt(sum(float((v**2).sum()) for v in g.values()))
     perturbed = {**P, **{k: P[k] + rho * v / norm for k, v in g.items()}}
-    h2, g2 = grad(model, perturbed, names, x, entropy)
+    h2, g2 = grad(model, perturbed, names, x, entropy, sample_stats)
     if h2 >= e0:
         return None, float(h), float(h2)
-    return manual_forward(model, sgd(P, clipped(g2), lr), x).detach(), float(h), float(h2)
+    return manual_forward(model, sgd(P, clipped(g2), lr), x, sample_stats).detach(), float(h), float(h2)
 
 
+@pytest.mark.parametrize("norm_stats", ["source", "sample"])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])  # 0.9: the per-lr path, same first step
-def test_sar_two_pass_step_equals_hand_computation(momentum):
+def test_sar_two_pass_step_equals_hand_computation(momentum, norm_stats):
     model, lr = NormNet(scale=6.0), 0.8
     before = state(model)
     e0 = 0.4 * math.log(5)
-    expected, h, h2 = sar_expected(model, X, lr, e0)
+    sample = norm_stats == "sample"
+    expected, h, h2 = sar_expected(model, X, lr, e0, sample_stats=sample)
     assert expected is not None, f"the test sample must be reliable (H={h:.3f}, E0={e0:.3f})"
-    method = tta_bench.get_method("sar")
+    other, _, _ = sar_expected(model, X, lr, e0, sample_stats=not sample)
+    assert not torch.allclose(expected, other, atol=1e-3)  # the two statistics give different steps
+    method = tta_bench.get_method("sar", norm_stats=norm_stats)
     res = tta_bench.adapt(model, X, method, threshold=None, lr=lr, momentum=momentum)
     assert res.updated and method.resolved["e0"] == pytest.approx(e0)
+    torch.testing.assert_close(res.source_logits, manual_forward(model, params(model), X))  # the source is eval mode
     torch.testing.assert_close(res.adapted_logits, expected, atol=1e-5, rtol=1e-5)
-    assert_bit_identical(model, before)
+    assert_bit_identical(model, before)  # running statistics untouched by sample statistics
+    assert not model.bn.training and model.bn.track_running_stats
 
 
 def test_sar_filter_rejects_a_high_entropy_sample():

@@ -1,48 +1,27 @@
 """`tta-bench leaderboard` from a small real MLflow store: table contents, lr selection,
-significance columns and plots."""
+significance columns, the headline, the methods × lr / model / shift views, and plots."""
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
 
-import tta_bench
-from tta_bench import HParam, Protocol, RunOptions, stats
+from tta_bench import stats
 from tta_bench.cli import main
 from tta_bench.errors import TTAError
 from tta_bench.leaderboard import Selection, build
+from tta_bench.tables import HEADLINE_P
 
-from conftest import ToyTask
-
-LRS = (5e-3, 2e-2, 1e-1)  # 2e-2 is within x2 of the focus methods' default lr 2.05e-2
-METHODS = ("ifo", "entropy", "dofo")
-SHIFTS = (0.0, 0.5, 1.0, 1.5)
-
-
-class ShiftedToy(ToyTask):
-    """The toy task under a configurable input shift: one configuration per shift."""
-
-    options = {"shift": HParam(0.0, float, "added to every input")}
-
-    def __init__(self, **options):
-        super().__init__(**options)
-        self.x = self.x + self.opts.shift
+from lb_store import CONFIGS, LRS, METHODS, MODELS, SHIFTS, grid_store
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{root}/mlflow.db"
-    results = {}
-    for shift in SHIFTS:
-        for name in METHODS:
-            r = tta_bench.run(ShiftedToy(shift=shift), tta_bench.get_method(name), Protocol(LRS),
-                              RunOptions(progress=False, tracking_uri=uri, experiment="lb"))
-            results[shift, name] = {s["lr"]: s for s in r.summary}
-    for d in (0.08, 0.32):
-        tta_bench.run(ShiftedToy(), tta_bench.get_method("ifo"), Protocol(LRS, threshold=d),
-                      RunOptions(progress=False, tracking_uri=uri, experiment="lb"))
-    return uri, root, results
+def store():
+    return grid_store()
+
+
+def _deltas(results, name, lr=2e-2, configs=CONFIGS):
+    return np.array([results[c, name][lr]["delta_acc"] for c in configs])
 
 
 def _read(out, name):
@@ -50,13 +29,13 @@ def _read(out, name):
 
 
 def test_method_table_matches_the_runs(store, tmp_path):
-    uri, _, results = store
+    uri, results = store
     files = build(uri, "lb", tmp_path, Selection("default"))
     methods = _read(tmp_path, "methods").set_index("method")
     assert sorted(methods.index) == sorted(METHODS)
     assert (methods["lr"] == 2e-2).all() and (methods["lr chosen"] == "default").all()
     for name in METHODS:
-        d = np.array([results[s, name][2e-2]["delta_acc"] for s in SHIFTS])
+        d = _deltas(results, name)
         row = methods.loc[name]
         assert row["configs"] == 4 and row["mean Δacc"] == pytest.approx(d.mean())
         assert row["Δacc>0"] == (d > 0).sum() and row["Δacc<0"] == (d < 0).sum()
@@ -67,9 +46,9 @@ def test_method_table_matches_the_runs(store, tmp_path):
     assert methods["mean Δacc"].is_monotonic_decreasing
     assert math.isnan(methods.loc["ifo", "p t ifo>"]) and not math.isnan(methods.loc["dofo", "p W ifo>"])
     configs = _read(tmp_path, "configurations").set_index("configuration")
-    assert sorted(configs.index) == sorted(f"toy(shift={s})" for s in SHIFTS)
-    s = results[1.0, "dofo"][2e-2]
-    assert configs.loc["toy(shift=1.0)", "dofo"] == f"{s['delta_acc']:+.2f} ({s['n_fixed']}/{s['n_broken']})"
+    assert sorted(configs.index) == sorted(CONFIGS)
+    s = results["toy(model=b, shift=1.0)", "dofo"][2e-2]
+    assert configs.loc["toy(model=b, shift=1.0)", "dofo"] == f"{s['delta_acc']:+.2f} ({s['n_fixed']}/{s['n_broken']})"
     assert (configs["n_total"] == 40).all()
     md = (tmp_path / "toy" / "methods.md").read_text()
     assert "nearest (within ×2) the method's default" in md and "| ifo " in md
@@ -81,11 +60,11 @@ def test_method_table_matches_the_runs(store, tmp_path):
 
 
 def test_best_lr_is_flagged_and_fixed_lr_is_applied(store, tmp_path):
-    uri, _, results = store
+    uri, results = store
     build(uri, "lb", tmp_path / "best", Selection("best"))
     methods = _read(tmp_path / "best", "methods").set_index("method")
     for name in METHODS:
-        means = {lr: np.mean([results[s, name][lr]["delta_acc"] for s in SHIFTS]) for lr in LRS}
+        means = {lr: _deltas(results, name, lr).mean() for lr in LRS}
         assert methods.loc[name, "lr"] == pytest.approx(max(means, key=means.get))
     assert (methods["lr chosen"] == "best on test ⚠").all()
     assert "BEST MEAN Δacc ON THE TEST STREAM" in (tmp_path / "best" / "toy" / "methods.md").read_text()
@@ -94,13 +73,13 @@ def test_best_lr_is_flagged_and_fixed_lr_is_applied(store, tmp_path):
 
 
 def test_learning_rate_threshold_and_friedman_tables(store, tmp_path):
-    uri, _, results = store
+    uri, results = store
     build(uri, "lb", tmp_path, Selection("default"))
-    lrs = _read(tmp_path, "learning_rates")
+    lrs = _read(tmp_path, "learning_rates_detail")
     assert len(lrs) == len(METHODS) * len(LRS)
     row = lrs[(lrs["method"] == "entropy") & (lrs["lr"] == 0.1)].iloc[0]
-    d = [results[s, "entropy"][0.1]["delta_acc"] for s in SHIFTS]
-    assert row["Δacc>0"] == sum(x > 0 for x in d) and row["mean Δacc"] == pytest.approx(np.mean(d))
+    d = _deltas(results, "entropy", 0.1)
+    assert row["Δacc>0"] == (d > 0).sum() and row["mean Δacc"] == pytest.approx(d.mean())
     th = _read(tmp_path, "thresholds")
     assert list(th["threshold"]) == [0.08, 0.16, 0.32] and set(th["method"]) == {"ifo"}
     assert th["frac_uncertain"].is_monotonic_increasing
@@ -111,10 +90,85 @@ def test_learning_rate_threshold_and_friedman_tables(store, tmp_path):
 
 
 def test_missing_experiment_and_bad_flags_are_clear_errors(store, capsys):
-    uri, _, _ = store
+    uri, _ = store
     with pytest.raises(TTAError, match="no MLflow experiment 'nope'"):
         build(uri, "nope", None, Selection())
     assert main(["leaderboard", "--tracking-uri", uri, "--experiment", "lb", "--lr", "0.1"]) == 2
     assert "--select fixed needs --lr" in capsys.readouterr().err
     assert main(["leaderboard", "--tracking-uri", uri, "--experiment", "lb", "--task", "cifar10"]) == 2
     assert "no runs for task(s) cifar10; tasks with runs: toy" in capsys.readouterr().err
+
+
+def _md_table(path) -> pd.DataFrame:
+    """The rows of a Markdown (github) table as strings."""
+    lines = [line for line in path.read_text().splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return pd.DataFrame(cells[2:], columns=cells[0])
+
+
+def test_headline_comes_first_and_matches_the_runs(store, tmp_path):
+    uri, results = store
+    build(uri, "lb", tmp_path, Selection("default"))
+    deltas = {name: _deltas(results, name) for name in METHODS}
+    order = sorted(METHODS, key=lambda m: -deltas[m].mean())
+    p_holm = dict(zip(METHODS, stats.holm([stats.wilcoxon_greater(deltas[m]) for m in METHODS]), strict=True))
+    raw = _read(tmp_path, "headline").set_index("method")
+    shown = _md_table(tmp_path / "toy" / "headline.md").set_index("method")
+    assert list(shown.columns) == ["rank", "lr", "mean Δacc [95% CI]", "wins/losses", HEADLINE_P, "fwd/bwd per sample"]
+    assert [raw.loc[m, "mean Δacc"] for m in shown.index] == pytest.approx([deltas[m].mean() for m in order])
+    for name, d in deltas.items():
+        vs = stats.versus_source(d)
+        fwd = np.mean([results[c, name][2e-2]["forwards_per_sample"] for c in CONFIGS])
+        assert raw.loc[name, HEADLINE_P] == pytest.approx(p_holm[name])
+        assert raw.loc[name, "fwd/sample"] == pytest.approx(fwd) and fwd == 2 + len(LRS)  # source, adapt, 3 predictions
+        row = shown.loc[name]
+        assert row["rank"] == str(order.index(name) + 1) and row["lr"] == "0.02 (default)"
+        ci = f" [{vs.ci_low:+.2f}, {vs.ci_high:+.2f}]" if np.isfinite(vs.ci_low) else " [–]"
+        assert row["mean Δacc [95% CI]"] == f"{d.mean():+.2f}{ci}"
+        assert row["wins/losses"] == f"{(d > 0).sum()}/{(d < 0).sum()}"
+        assert row[HEADLINE_P] == f"{p_holm[name]:.3g}" and row["fwd/bwd per sample"] == "5 / 1"
+    assert any(np.isfinite(stats.versus_source(d).ci_low) for d in deltas.values())  # a real CI is shown
+    text = (tmp_path / "LEADERBOARD.md").read_text()
+    assert text.index("## Headline") < text.index("### toy\n\ntoy: 4 configuration(s)") < text.index("## toy")
+    assert text.index("## toy") < text.index("### methods") and "learning_rates_detail" not in text
+    assert "Provenance: experiment: lb; " in text and "runs: 42 finished result runs; 12 at the chosen" in text
+
+
+@pytest.mark.parametrize("select", ["default", "best"])
+def test_learning_rates_are_methods_by_lr_with_the_chosen_lr_marked(store, tmp_path, select):
+    uri, results = store
+    build(uri, "lb", tmp_path, Selection(select))
+    chosen = _read(tmp_path, "methods").set_index("method")["lr"]
+    grid = _read(tmp_path, "learning_rates").set_index("method")
+    assert grid.shape == (len(METHODS), 1 + len(LRS)) and list(grid.columns) == ["chosen lr", "0.005", "0.02", "0.1"]
+    assert list(grid.index) == list(_read(tmp_path, "headline")["method"])  # headline order
+    shown = _md_table(tmp_path / "toy" / "learning_rates.md").set_index("method")
+    for name in METHODS:
+        assert grid.loc[name, "chosen lr"] == pytest.approx(chosen[name])
+        for lr in LRS:
+            mean = _deltas(results, name, lr).mean()
+            assert grid.loc[name, f"{lr:g}"] == pytest.approx(mean)
+            marked = math.isclose(lr, chosen[name])
+            assert shown.loc[name, f"{lr:.3g}"] == f"{mean:+.2f}" + (" ◀" if marked else "")
+    if select == "default":
+        assert (chosen == 2e-2).all()
+
+
+def test_per_model_and_per_shift_tables(store, tmp_path):
+    uri, results = store
+    build(uri, "lb", tmp_path, Selection("default"))
+    assert sorted(p.stem for p in (tmp_path / "toy").glob("by_*.csv")) == ["by_model", "by_shift"]
+    order = list(_read(tmp_path, "headline")["method"])
+    for axis, values in (("model", MODELS), ("shift", SHIFTS)):
+        table = _read(tmp_path, f"by_{axis}")
+        table.columns = [str(c) for c in table.columns]
+        assert list(table.columns) == ["method", *map(str, values), "mean"] and list(table["method"]) == order
+        table = table.set_index("method")
+        for name in METHODS:
+            for value in values:
+                configs = [c for c in CONFIGS if f"{axis}={value}" in c]
+                assert len(configs) == 2
+                assert table.loc[name, str(value)] == pytest.approx(_deltas(results, name, configs=configs).mean())
+            assert table.loc[name, "mean"] == pytest.approx(_deltas(results, name).mean())
+    md = (tmp_path / "LEADERBOARD.md").read_text()
+    assert "Methods × model: mean Δacc" in md and "### by_shift" in md

@@ -65,8 +65,8 @@ def test_jobs_from_spec_and_stable_keys(monkeypatch):
 def test_bad_specs_are_clear_errors(tmp_path, capsys):
     path = tmp_path / "s.toml"
     path.write_text('name = "x"\nthreshhold = 0.2\ntasks = [{name = "cifar10"}]\nmethods = [{name = "ifo"}]\n')
-    with pytest.raises(TTAError, match=r"unknown top-level key\(s\) \['threshhold'\]"):
-        load_spec(path)
+    with pytest.raises(TTAError, match=rf"^sweep spec {path}: unknown top-level key\(s\) \['threshhold'\]"):
+        jobs_from_spec(load_spec(path), f"sweep spec {path}")
     with pytest.raises(TTAError, match="method ifo has no option wieghted"):
         jobs_from_spec({**SPEC, "methods": [{"name": "ifo", "wieghted": True}]})
     with pytest.raises(TTAError, match=r"threshold must be in \(0, 1\]"):  # protocol checked before any job
@@ -75,7 +75,7 @@ def test_bad_specs_are_clear_errors(tmp_path, capsys):
     assert main(["sweep", str(path), "--dry-run"]) == 0
     assert capsys.readouterr().out.strip().endswith("2 jobs")
     assert main(["sweep", str(path), "--state", "/proc/nope/state"]) == 2
-    assert "cannot write to output folder /proc/nope/state" in capsys.readouterr().err
+    assert "cannot write to output folder /proc/nope/state (--state)" in capsys.readouterr().err
 
 
 class CrashingToy(ToyTask):

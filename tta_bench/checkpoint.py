@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -23,12 +23,13 @@ class Progress:
     n_seen: int  # samples of the stream already processed (resume after them)
     n_uncertain: int
     wall: float  # seconds spent so far, over all attempts
+    skipped: list[dict] = field(default_factory=list)  # unreadable samples passed over so far
 
 
 def save(path: Path, progress: Progress, fingerprint: str) -> None:
     table = pa.Table.from_pandas(progress.rows, preserve_index=False)
     meta = {"fingerprint": fingerprint, "n_seen": progress.n_seen, "n_uncertain": progress.n_uncertain,
-            "wall": progress.wall}
+            "wall": progress.wall, "skipped": progress.skipped}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), META: json.dumps(meta).encode()})
     write_atomically(path, lambda tmp: pq.write_table(table, tmp))
 
@@ -51,4 +52,4 @@ def load(path: Path, fingerprint: str) -> Progress | None:
     if meta["fingerprint"] != fingerprint:
         raise TTAError(f"checkpoint {path} belongs to another configuration; delete it or choose "
                        f"another checkpoint path")
-    return Progress(table.to_pandas(), meta["n_seen"], meta["n_uncertain"], meta["wall"])
+    return Progress(table.to_pandas(), meta["n_seen"], meta["n_uncertain"], meta["wall"], meta.get("skipped", []))

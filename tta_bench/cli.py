@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import sys
 import time
 import warnings
@@ -11,15 +13,15 @@ from typing import NoReturn, Sequence
 
 import torch
 
-from .engine import OPTIMIZERS, PAPER_LR_GRID, Protocol
+from .engine import LR_GRIDS, OPTIMIZERS, Protocol
 from .errors import TTAError
 from .hparams import parse_assignments
 from .registry import get_method, get_task, list_methods, list_tasks, method_class, task_class
 from .runner import RunOptions, RunResult, default_out, run
-from .tracking import DEFAULT_EXPERIMENT, Tracker, TrackingUnavailable, resolve_uri
+from .signals import sigterm_as_interrupt
+from .tracking import DEFAULT_EXPERIMENT, Tracker, TrackingUnavailable, check_uri
 
 DEFAULT_TASK, DEFAULT_METHOD = "cifar10", "ifo"
-LR_GRIDS = {"paper": PAPER_LR_GRID, "llm": PAPER_LR_GRID[9:14]}  # llm: 2.56e-3 … 4.10e-2
 
 
 class Parser(argparse.ArgumentParser):
@@ -29,9 +31,22 @@ class Parser(argparse.ArgumentParser):
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    return values
+
+
+def _gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite number of GiB > 0, got {text!r}")
+    return value
 
 
 def _optional(kind: type):
@@ -90,8 +105,12 @@ def build_parser() -> Parser:
     r.add_argument("--autocast", choices=("bf16",), help="bfloat16 autocast for every forward (CUDA only; recorded)")
     r.add_argument("--adapt-block", type=int, help="uncertain samples adapted at once with torch.func.vmap "
                    "(default: blocks sized to --max-memory on CUDA, 1 on CPU where blocks are slower)")
-    r.add_argument("--max-memory", type=float, help="GiB for one block of adaptation (default: half the free GPU memory)")
+    r.add_argument("--max-memory", type=_gib, help="GiB for one block of adaptation (default: half the free GPU memory)")
     r.add_argument("--out", type=Path, help="output folder (default runs/TASK-METHOD-TIME)")
+    r.add_argument("--overwrite", action="store_true", help="replace the results in an --out folder "
+                   "that already holds a run")
+    r.add_argument("--skip-unreadable", action="store_true", help="skip samples whose data cannot be "
+                   "read (e.g. a corrupt image; each one is recorded in run.json) instead of stopping")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     _tracking_flags(r)
     r.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (results still saved)")
@@ -116,13 +135,17 @@ def build_parser() -> Parser:
                     help="lr per method: default (the grid lr nearest its default lr), best (highest "
                          "mean Δacc on the test stream; flagged), fixed (--lr for every method)")
     lb.add_argument("--lr", type=float, help="the learning rate for --select fixed")
-    lb.add_argument("--threshold", type=float, default=0.16, help="the threshold d of the tables (default 0.16)")
-    lb.add_argument("--reference", default="ifo", help="method compared with every other (default ifo)")
+    lb.add_argument("--threshold", type=_optional(float), default=0.16,
+                    help="the threshold d of the tables (default 0.16; none: the runs without a gate)")
+    lb.add_argument("--reference", help="method compared with every other (default ifo, where it has runs)")
     lb.add_argument("--task", action="append", help="only these tasks (repeatable; default all)")
+    lb.add_argument("--site", type=Path, help="folder of the static site (index.html, a page per task; "
+                    "default OUT/site)")
     sw = sub.add_parser("sweep", help="run a grid of jobs from a TOML spec (idempotent, resumable)",
                         description="Expand a sweep spec into jobs and run those without a finished MLflow run. "
-                                    "Interrupted jobs resume from their checkpoint; re-running the same command "
-                                    "completes a sweep. Spec format: see sweeps/README.md.")
+                                    "Ctrl-C or SIGTERM checkpoints the running jobs (exit 130); interrupted jobs "
+                                    "resume from their checkpoint, and a job another sweep is running is skipped; "
+                                    "re-running the same command completes a sweep. Spec format: see sweeps/README.md.")
     sw.add_argument("spec", type=Path, help="sweep spec (.toml)")
     sw.add_argument("--dry-run", action="store_true", help="list the jobs and their count, run nothing")
     sw.add_argument("--workers", type=int, default=1, help="parallel local worker processes (default 1; "
@@ -160,14 +183,22 @@ def cmd_run(args: argparse.Namespace) -> int:
                         steps=args.steps, clip=args.clip, optimizer=args.optimizer,
                         momentum=args.momentum, weight_decay=args.weight_decay)
     out = args.out or default_out(task, method)
+    if (out / "run.json").exists() and not args.overwrite:
+        raise TTAError(f"--out {out} already holds a run (run.json); choose another folder, or pass "
+                       "--overwrite to replace it")
     _check_writable(out)
     options = RunOptions(limit=args.limit, max_uncertain=args.max_uncertain, batch_size=args.batch_size,
                          seed=args.seed, device=args.device, tf32=args.tf32,
                          progress=not args.no_progress, out=out, track=not args.no_tracking,
                          adapt_block=args.adapt_block, autocast=args.autocast,
                          max_memory=int(args.max_memory * 2**30) if args.max_memory else None,
-                         tracking_uri=args.tracking_uri, experiment=args.experiment)
-    result = run(task, method, protocol, options)
+                         tracking_uri=args.tracking_uri, experiment=args.experiment,
+                         skip_unreadable=args.skip_unreadable)
+    with sigterm_as_interrupt():  # `timeout`, Slurm, docker stop: keep what finished, as Ctrl-C does
+        result = run(task, method, protocol, options)
+    if result.interrupted and result.rows.empty:
+        print("interrupted before the first sample finished: nothing was saved or logged", file=sys.stderr)
+        return 130
     print(f"{task.name} · {method!r} · {result.config['sweep']} sweep · d={protocol.threshold}")
     print(result.table())
     print(f"per-sample rows: {out / 'samples.parquet'}")
@@ -179,15 +210,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_writable(out: Path) -> None:
-    """Fail before any work if results could not be saved."""
+def _check_writable(out: Path, flag: str = "--out") -> None:
+    """Fail before any work if results could not be saved in folder `out`; leaves nothing behind
+    (a refused or failed run must not leave an empty folder)."""
+    if out.exists() and not out.is_dir():
+        raise TTAError(f"{flag} {out} is a file, not a folder; pass {flag} DIR")
+    created = [p for p in (out, *out.parents) if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise TTAError(f"cannot write to output folder {out}: {err.strerror}; pass --out DIR") from None
+        raise TTAError(f"cannot write to output folder {out} ({flag}): {err.strerror}; pass {flag} DIR") from None
+    finally:
+        for folder in created:  # innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -220,15 +259,30 @@ def run_folders(paths: list[Path]) -> list[Path]:
     return found
 
 
+def _checked_store(args: argparse.Namespace) -> str:
+    """--experiment and --tracking-uri checked before any store is opened; returns the URI."""
+    if not args.experiment.strip():
+        raise TTAError(f"--experiment is empty; pass an MLflow experiment name (default {DEFAULT_EXPERIMENT})")
+    return check_uri(args.tracking_uri)
+
+
 def cmd_sync(args: argparse.Namespace) -> int:
+    uri = _checked_store(args)
     folders = run_folders(args.folders)
     try:
-        tracker = Tracker(args.tracking_uri, args.experiment)
+        tracker = Tracker(uri, args.experiment)
     except TrackingUnavailable as err:
         raise TTAError(f"{err}; check --tracking-uri and that the server is running") from None
-    new = 0
+    new, bad = 0, 0
     for folder in folders:
-        result = RunResult.load(folder)
+        try:
+            result = RunResult.load(folder)
+        except TTAError as err:  # one bad folder does not stop the others
+            if len(folders) == 1:
+                raise
+            warnings.warn(f"{err}; skipped")
+            bad += 1
+            continue
         try:
             run_id = tracker.find(result.key)
             existed = run_id is not None
@@ -238,7 +292,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
                            f"re-run the same command to continue") from None
         new += not existed
         print(f"{'already logged' if existed else 'logged'}: {folder} -> {run_id}")
-    print(f"{new} uploaded, {len(folders) - new} already in {tracker.uri} (experiment {args.experiment})")
+    print(f"{new} uploaded, {len(folders) - new - bad} already in {tracker.uri} (experiment {args.experiment})")
+    if bad:
+        raise TTAError(f"{bad} of {len(folders)} run folders not uploaded (unreadable, listed above); "
+                       f"fix or remove them and re-run the same command")
     return 0
 
 
@@ -247,11 +304,23 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
     if (args.select == "fixed") != (args.lr is not None):
         raise TTAError("--select fixed needs --lr VALUE, and --lr is only used with --select fixed")
+    if args.lr is not None and not 0 < args.lr < math.inf:
+        raise TTAError(f"--lr must be a finite learning rate > 0, got {args.lr}")
+    if args.threshold is not None and not 0 < args.threshold <= 1:
+        raise TTAError(f"--threshold must be in (0, 1] or none, got {args.threshold}")
+    uri = _checked_store(args)
+    site = args.site or args.out / "site"
+    _check_writable(args.out)
+    _check_writable(site, "--site")
     t0 = time.perf_counter()
-    written = build(args.tracking_uri, args.experiment, args.out, Selection(args.select, args.lr),
-                    threshold=args.threshold, reference=args.reference, tasks=args.task,
-                    parent=args.parent)
-    print(f"{len(written)} files in {args.out} ({time.perf_counter() - t0:.1f} s)")
+    try:
+        written = build(uri, args.experiment, args.out, Selection(args.select, args.lr),
+                        threshold=args.threshold, reference=args.reference, tasks=args.task,
+                        parent=args.parent, site=site)
+    except OSError as err:
+        raise TTAError(f"cannot write the leaderboard to {args.out} (--out) and {site} (--site): "
+                       f"{err.strerror or err}; pass --out DIR / --site DIR") from None
+    print(f"{len(written)} files in {args.out}; site: {site / 'index.html'} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
@@ -259,8 +328,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from .executor import finished, prepare, read_status, run_local, run_submitit
     from .sweep import jobs_from_spec, load_spec
 
+    for flag, value, least in (("--workers", args.workers, 1), ("--threads-per-worker", args.threads_per_worker, 1),
+                               ("--checkpoint-every", args.checkpoint_every, 1), ("--timeout-min", args.timeout_min, 1),
+                               ("--gpus-per-job", args.gpus_per_job, 0)):
+        if value is not None and value < least:
+            raise TTAError(f"{flag} must be >= {least}, got {value}")
     spec = load_spec(args.spec)
-    jobs, notes = jobs_from_spec(spec)
+    jobs, notes = jobs_from_spec(spec, f"sweep spec {args.spec}")
     for note in notes:
         print(note)
     if args.dry_run:
@@ -268,41 +342,46 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print(f"{job.key}  {job.label}")
         print(f"{len(jobs)} jobs")
         return 0
-    if args.workers < 1:
-        raise TTAError(f"--workers must be >= 1, got {args.workers}")
+    uri = check_uri(args.tracking_uri)
     state = args.state or Path("sweeps-state") / spec["name"]
-    _check_writable(state)
+    _check_writable(state, "--state")
     experiment = args.experiment or spec.get("experiment") or spec["name"]
-    uri = resolve_uri(args.tracking_uri)
-    try:  # the store is created here, once, before any worker starts
-        tracker = Tracker(uri, experiment)
-    except TrackingUnavailable as err:
-        tracker = None
-        warnings.warn(f"{err}; jobs keep their results under {state}; re-run this command to upload them")
-    todo = [job for job in jobs if finished(job.key, tracker, read_status(state / "jobs" / job.key)) is None]
-    print(f"{len(jobs)} jobs: {len(jobs) - len(todo)} already finished, {len(todo)} to run")
-    try:
-        folders = prepare(state, todo, spec["name"])
-    except OSError as err:
-        raise TTAError(f"cannot write the sweep state under {state}: {err.strerror}; pass --state DIR") from None
-    labels = {folder: job.label for folder, job in zip(folders, todo, strict=True)}
+    with sigterm_as_interrupt(once=True):  # SIGTERM (timeout, Slurm, docker stop) stops it like Ctrl-C
+        try:
+            try:  # the store is created here, once, before any worker starts
+                tracker = Tracker(uri, experiment)
+            except TrackingUnavailable as err:
+                tracker = None
+                warnings.warn(f"{err}; jobs keep their results under {state}; re-run this command to upload them")
+            todo = [job for job in jobs if finished(job.key, tracker, read_status(state / "jobs" / job.key)) is None]
+            print(f"{len(jobs)} jobs: {len(jobs) - len(todo)} already finished, {len(todo)} to run")
+            try:
+                folders = prepare(state, todo, spec["name"])
+            except OSError as err:
+                raise TTAError(f"cannot write the sweep state under {state}: {err.strerror}; pass --state DIR") from None
+            labels = {folder: job.label for folder, job in zip(folders, todo, strict=True)}
 
-    def report(folder: Path, status: dict) -> None:
-        extra = "; ".join(x for x in (status.get("resumed_from"), status.get("error")) if x)
-        print(f"{status['status']:9} {labels[folder]}  {extra}", flush=True)
+            def report(folder: Path, status: dict) -> None:
+                extra = "; ".join(x for x in (status.get("resumed_from"), status.get("error")) if x)
+                print(f"{status['status']:9} {labels[folder]}  {extra}", flush=True)
 
-    if args.executor == "submitit":
-        params = {"timeout_min": args.timeout_min, "gpus_per_node": args.gpus_per_job}
-        if args.slurm_partition:
-            params["slurm_partition"] = args.slurm_partition
-        statuses = run_submitit(folders, state / "submitit", uri, experiment, args.checkpoint_every,
-                                cluster=None if args.cluster == "auto" else args.cluster, report=report, **params)
-    else:
-        statuses = run_local(folders, args.workers, uri, experiment, args.checkpoint_every, report=report,
-                             threads=args.threads_per_worker)
+            if args.executor == "submitit":
+                params = {"timeout_min": args.timeout_min, "gpus_per_node": args.gpus_per_job}
+                if args.slurm_partition:
+                    params["slurm_partition"] = args.slurm_partition
+                statuses = run_submitit(folders, state / "submitit", uri, experiment, args.checkpoint_every,
+                                        cluster=None if args.cluster == "auto" else args.cluster, report=report,
+                                        **params)
+            else:
+                statuses = run_local(folders, args.workers, uri, experiment, args.checkpoint_every, report=report,
+                                     threads=args.threads_per_worker)
+        except KeyboardInterrupt as err:  # the executors stop their jobs first (SweepInterrupted says how)
+            print(f"tta-bench: interrupted: {err or '0 jobs checkpointed'}; re-run the same command to resume",
+                  file=sys.stderr)
+            return 130
     counts = Counter(status["status"] for status in statuses.values())
     print(", ".join(f"{n} {name}" for name, n in sorted(counts.items())) or "nothing to run")
-    bad = [f for f, st in statuses.items() if st["status"] in ("failed", "unsynced")]
+    bad = [f for f, st in statuses.items() if st["status"] in ("failed", "unsynced", "running")]
     if bad:
         print(f"{len(bad)} job(s) not finished (errors above, details in {state}/jobs/KEY/); "
               f"re-run the same command to retry and resume them", file=sys.stderr)
@@ -325,6 +404,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TTAError as err:
         print(f"tta-bench: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside a scan (a scan keeps its finished samples and returns)
+        print("tta-bench: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

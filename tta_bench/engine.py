@@ -13,6 +13,7 @@ from .errors import TTAError
 from .method import Augment, ClassLogits, Method, Source, Step
 
 PAPER_LR_GRID: tuple[float, ...] = tuple(5e-6 * 2**j for j in range(19))  # Listing 1
+LR_GRIDS = {"paper": PAPER_LR_GRID, "llm": PAPER_LR_GRID[9:14]}  # llm: 2.56e-3 … 4.10e-2
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -32,20 +33,21 @@ class Protocol:
         if not self.lrs:
             raise TTAError("no learning rate given: pass --lr 1e-3 (or a list 1e-3,2e-2, "
                            "or --lr-grid paper)")
-        if any(not lr > 0 for lr in self.lrs):
-            raise TTAError(f"learning rates must be > 0, got {list(self.lrs)}")
+        if any(not 0 < lr < math.inf for lr in self.lrs):
+            raise TTAError(f"learning rates must be finite and > 0, got {list(self.lrs)}")
         if len(set(self.lrs)) != len(self.lrs):
             raise TTAError(f"learning rates repeat: {list(self.lrs)}; give each once")
         if self.threshold is not None and not 0 < self.threshold <= 1:
             raise TTAError(f"threshold must be in (0, 1] (Δ1,2 is a difference of probabilities), got {self.threshold}")
         if self.steps < 1:
             raise TTAError(f"steps must be >= 1, got {self.steps}")
-        if self.clip is not None and not self.clip > 0:
-            raise TTAError(f"clip must be > 0 (or none to disable clipping), got {self.clip}")
+        if self.clip is not None and not 0 < self.clip < math.inf:
+            raise TTAError(f"clip must be finite and > 0 (or none to disable clipping), got {self.clip}")
         if self.optimizer not in OPTIMIZERS:
             raise TTAError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
-        if self.momentum < 0 or self.weight_decay < 0:
-            raise TTAError("momentum and weight decay must be >= 0")
+        for name in ("momentum", "weight_decay"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise TTAError(f"{name.replace('_', ' ')} must be finite and >= 0, got {getattr(self, name)}")
 
     @property
     def one_gradient(self) -> bool:

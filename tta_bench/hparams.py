@@ -49,7 +49,7 @@ def _convert(kind: type, value: Any) -> Any:
         raise ValueError(value)
     if kind is int and isinstance(value, float) and not value.is_integer():
         raise ValueError(value)
-    if kind is int and isinstance(value, bool):
+    if isinstance(value, bool):  # a bool is not a number, a string or a path
         raise ValueError(value)
     return kind(value)
 

@@ -4,21 +4,30 @@ corpus, a dataset or a corruption), at one threshold d and one learning rate per
 from __future__ import annotations
 
 import math
+import os
+import re
+import warnings
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from tabulate import tabulate
 
-from . import stats
 from .errors import TTAError
-from .tracking import CONFIGURATION, KIND, METHOD, resolve_uri
+from .tables import (CHOSEN, HEADLINE_P, OPTION, Table, at_chosen, axis_table, configuration_table, friedman_table,
+                     headline_table, lr_grid, lr_table, method_table, option_axes, threshold_table, write_table)
+from .tracking import CONFIGURATION, KIND, METHOD, _first_line, check_uri, open_client
 
-FORMATS = {"md": "github", "html": "html", "tex": "latex_booktabs"}
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
 METRICS = ("delta_acc", "n_fixed", "n_broken", "n_total", "n_uncertain", "frac_uncertain",
            "acc_source", "acc_adapted", "p_mcnemar", "forwards_per_sample", "backwards_per_sample",
            "samples_per_s")
+PROVENANCE_TAGS = {"parent": "mlflow.parentRunId", "tta-bench": "tta_bench.version", "torch": "version.torch",
+                   "commit": "mlflow.source.git.commit"}
 
 
 @dataclass(frozen=True)
@@ -39,40 +48,95 @@ class Selection:
     def label(self) -> str:
         return {"default": "default", "best": "best on test ⚠", "fixed": "fixed"}[self.mode]
 
+    def target(self) -> str:
+        """The learning rate a method needs runs at to get a row."""
+        return {"default": "a learning rate within ×2 of its default", "fixed": f"lr = {self.lr:g}",
+                "best": "any learning rate with scored samples"}[self.mode]
+
 
 def load_runs(uri: str | None, experiment: str, parent: str | None = None) -> pd.DataFrame:
     """One row per finished result run (configuration × method × lr × threshold); when a
-    combination was logged more than once, the latest run counts."""
-    import mlflow
+    combination was logged more than once, the latest run counts. Reads only: a missing SQLite
+    file is an error, not a new store."""
+    from sqlalchemy.engine import make_url
 
-    uri = resolve_uri(uri)
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        raise TTAError(f"no MLflow experiment {experiment!r} at {uri}; run tta-bench run first or pass "
-                       f"--experiment / --tracking-uri")
-    where = f"tags.`{KIND}` = 'result' and attributes.status = 'FINISHED'"
-    if parent:
-        where += f" and tags.`mlflow.parentRunId` = '{parent}'"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)  # search_runs reads the global URI
+    uri = check_uri(uri)
+    db = make_url(uri).database if uri.startswith("sqlite") else None
+    store = db or uri
+    if db and not Path(db).is_file():
+        raise TTAError(f"no MLflow store at {db}; run tta-bench run first or pass --tracking-uri")
     try:
-        raw = mlflow.search_runs([found.experiment_id], where, max_results=1_000_000)
-    finally:
-        mlflow.set_tracking_uri(previous)
-    if raw.empty:
-        raise TTAError(f"no finished tta-bench runs in experiment {experiment!r} at {uri}"
-                       + (f" under parent run {parent}" if parent else ""))
+        client = open_client(uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise TTAError(f"no MLflow experiment {experiment!r} in {store}; run tta-bench run first or pass "
+                           f"--experiment / --tracking-uri")
+        result_runs = f"tags.`{KIND}` = 'result'"
+        if parent:
+            _check_parent(client, parent, found.experiment_id, experiment)
+            result_runs += f" and tags.`mlflow.parentRunId` = '{parent}'"
+        raw = _search(uri, found.experiment_id, f"{result_runs} and attributes.status = 'FINISHED'")
+        if raw.empty:
+            others = _search(uri, found.experiment_id, result_runs)  # e.g. interrupted (KILLED) ones
+            counts = others["status"].value_counts().items() if len(others) else []
+            states = ", ".join(f"{n} {status.lower()}" for status, n in counts)
+            raise TTAError(f"no finished tta-bench runs in experiment {experiment!r} at {store}"
+                           + (f" under parent run {parent}" if parent else "")
+                           + (f" (result runs: {states}; re-run them to finish)" if states else ""))
+    except TTAError:
+        raise
+    except Exception as err:  # MLflow, requests and SQLAlchemy raise many types
+        fix = ("it must be an MLflow SQLite database: restore it or pass another --tracking-uri" if db
+               else "check --tracking-uri and that the server is running")
+        raise TTAError(f"cannot read the MLflow store {store}: {_why(err)}; {fix}") from None
     df = pd.DataFrame({
         "task": raw["params.task"], "configuration": raw[f"tags.{CONFIGURATION}"],
         "method": raw[f"tags.{METHOD}"], "method_name": raw["params.method"],
         "lr": raw["params.lr"].astype(float),
         "threshold": pd.to_numeric(raw["params.threshold"], errors="coerce"),
         "run_id": raw["run_id"], "start": raw["start_time"],
-        **{m: raw[f"metrics.{m}"] for m in METRICS},
+        **{m: raw.get(f"metrics.{m}", math.nan) for m in METRICS},
+        **{k: raw.get(f"tags.{tag}") for k, tag in PROVENANCE_TAGS.items()},
+        **{OPTION + c.removeprefix("params.task."): raw[c] for c in raw.columns if c.startswith("params.task.")},
     })
     df = df.sort_values("start").drop_duplicates(["configuration", "method", "lr", "threshold"], keep="last")
     return df.reset_index(drop=True)
+
+
+def _search(uri: str, experiment_id: str, where: str) -> pd.DataFrame:
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    # search_runs reads the global URI; setting it also sets $MLFLOW_TRACKING_URI: restore both
+    previous, env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.search_runs([experiment_id], where, max_results=1_000_000)
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+def _check_parent(client: MlflowClient, parent: str, experiment_id: str, experiment: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.get_run(parent).info.experiment_id == experiment_id
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        found = False
+    if not found:
+        raise TTAError(f"--parent {parent!r} is not a run of experiment {experiment!r}; pass the id of a "
+                       f"sweep's parent run (shown in the MLflow UI) or leave --parent out")
+
+
+def _why(err: BaseException) -> str:
+    """The cause of a store error in a few words (requests buries it in a long message)."""
+    text = str(err)
+    errno = re.search(r"\[Errno -?\d+\] [^'\")]+", text)
+    return errno.group(0) if errno else _first_line(err)
 
 
 def choose_lrs(runs: pd.DataFrame, selection: Selection) -> dict[str, float]:
@@ -80,7 +144,7 @@ def choose_lrs(runs: pd.DataFrame, selection: Selection) -> dict[str, float]:
     from .registry import method_class
 
     chosen: dict[str, float] = {}
-    for method, g in runs.groupby("method"):
+    for method, g in runs.dropna(subset=["delta_acc"]).groupby("method"):  # NaN: no sample was scored
         lrs = np.array(sorted(g["lr"].unique()))
         if selection.mode == "best":
             means = g.groupby("lr")["delta_acc"].agg(["mean", "count"])
@@ -102,119 +166,90 @@ def choose_lrs(runs: pd.DataFrame, selection: Selection) -> dict[str, float]:
     return chosen
 
 
-def at_chosen(runs: pd.DataFrame, chosen: dict[str, float]) -> pd.DataFrame:
-    """The rows at each method's chosen learning rate."""
-    return runs[[math.isclose(lr, chosen.get(m, -1.0), rel_tol=1e-9) for m, lr in zip(runs["method"], runs["lr"], strict=True)]]
+@dataclass
+class TaskReport:
+    """What is published for one task: tables in reading order (headline first), the figures next
+    to the table they illustrate, where the numbers come from, and what was left out."""
+
+    task: str
+    tables: dict[str, Table]
+    plots: dict[str, Path]  # table name -> PNG
+    provenance: dict[str, str]
+    notes: list[str]
 
 
-def _fmt(column: str, x: float) -> str:
-    if column.startswith("p ") or column in ("lr", "threshold"):
-        return f"{x:.3g}"
-    if column == "frac_uncertain":
-        return f"{x:.3f}"
-    if column.startswith(("n_", "Δacc>", "Δacc<", "configs")):
-        return f"{x:.0f}"
-    return f"{x:.2f}"
-
-
-def method_table(at_lr: pd.DataFrame, chosen: dict[str, float], selection: Selection,
-                 reference: str) -> pd.DataFrame:
-    """The paper's Table 2/5: each method against the source model and against the reference."""
-    deltas = at_lr.pivot_table(index="configuration", columns="method", values="delta_acc")
-    rows = []
-    for method in deltas.columns:
-        d = deltas[method].dropna()
-        vs = stats.versus_source(d.to_numpy())
-        row = {"method": method, "lr": chosen[method], "lr chosen": selection.label(),
-               "configs": vs.n, "mean Δacc": vs.mean, "std": vs.std, "Δacc>0": vs.n_pos,
-               "Δacc<0": vs.n_neg, "p sign": vs.p_sign, "p t": vs.p_t, "p Wilcoxon": vs.p_wilcoxon,
-               "CI95 low": vs.ci_low, "CI95 high": vs.ci_high}
-        if reference in deltas.columns:
-            both = deltas[[reference, method]].dropna()
-            row[f"p t {reference}>"], row[f"p W {reference}>"] = (
-                stats.paired(both[reference], both[method]) if method != reference else (math.nan, math.nan))
-        g = at_lr[at_lr["method"] == method]
-        row.update({"fwd/sample": g["forwards_per_sample"].mean(), "bwd/sample": g["backwards_per_sample"].mean(),
-                    "samples/s": g["samples_per_s"].mean()})
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    for col in ("p sign", "p t", "p Wilcoxon", f"p t {reference}>", f"p W {reference}>"):
-        if col in table:
-            table.insert(table.columns.get_loc(col) + 1, f"{col} (Holm)", stats.holm(table[col]))
-    table = table.sort_values("mean Δacc", ascending=False, kind="stable").reset_index(drop=True)
-    table.insert(0, "rank", np.arange(1, len(table) + 1))
-    return table
-
-
-def configuration_table(at_lr: pd.DataFrame, reference: str) -> pd.DataFrame:
-    """The paper's Table 4: per configuration, the gate's statistics and each method's Δacc."""
-    base = at_lr.sort_values("method", key=lambda m: m != reference).groupby("configuration").first()
-    table = base[["n_total", "n_uncertain", "frac_uncertain", "acc_source"]].copy()
-    for method, g in at_lr.groupby("method"):
-        g = g.set_index("configuration")
-        table[method] = [f"{g.at[c, 'delta_acc']:+.2f} ({int(g.at[c, 'n_fixed'])}/{int(g.at[c, 'n_broken'])})"
-                         if c in g.index else "–" for c in table.index]
-    return table.reset_index()
-
-
-def lr_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean Δacc and #configurations improved per learning rate (the paper's Figures 7/8)."""
-    g = runs.groupby(["method", "lr"])["delta_acc"]
-    return pd.DataFrame({"configs": g.count(), "mean Δacc": g.mean(), "Δacc>0": g.apply(lambda d: int((d > 0).sum())),
-                         "Δacc<0": g.apply(lambda d: int((d < 0).sum()))}).reset_index()
-
-
-def threshold_table(runs: pd.DataFrame, chosen: dict[str, float]) -> pd.DataFrame:
-    """Δacc and frac_uncertain vs the threshold d at each method's chosen lr (Figure 6)."""
-    at = at_chosen(runs, chosen).dropna(subset=["threshold"])
-    # per method, only the configurations run at every one of its thresholds (comparable means)
-    n_th = at.groupby(["method", "configuration"])["threshold"].transform("nunique")
-    at = at[n_th == at.groupby("method")["threshold"].transform("nunique")]
-    g = at.groupby(["method", "threshold"])
-    table = g.agg(configs=("delta_acc", "count"), mean_delta=("delta_acc", "mean"),
-                  frac_uncertain=("frac_uncertain", "mean"), n_fixed=("n_fixed", "sum"),
-                  n_broken=("n_broken", "sum")).reset_index()
-    many = table.groupby("method")["threshold"].transform("nunique") >= 2
-    return table[many].rename(columns={"mean_delta": "mean Δacc"}).reset_index(drop=True)
-
-
-def friedman_table(at_lr: pd.DataFrame) -> tuple[pd.DataFrame, stats.Friedman] | None:
-    deltas = at_lr.pivot_table(index="configuration", columns="method", values="delta_acc").dropna()
-    if deltas.shape[1] < 3 or deltas.shape[0] < 2:
-        return None
-    result = stats.friedman(deltas.to_numpy())
-    table = pd.DataFrame({"method": deltas.columns, "average rank": result.avg_ranks}).sort_values("average rank")
-    return table.reset_index(drop=True), result
-
-
-def write_table(table: pd.DataFrame, path: Path, caption: str) -> tuple[list[Path], str]:
-    """CSV with raw numbers; Markdown, HTML and LaTeX with rounded ones and the caption.
-    Returns the files written and the Markdown."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(path.with_suffix(".csv"), index=False)
-    shown = table.copy()
-    for col in shown.columns:
-        if shown[col].dtype.kind == "f":
-            shown[col] = [("–" if pd.isna(x) else _fmt(col, x)) for x in shown[col]]
-    written, markdown = [path.with_suffix(".csv")], ""
-    for ext, fmt in FORMATS.items():
-        body = tabulate(shown, headers="keys", tablefmt=fmt, showindex=False, disable_numparse=True)
-        if ext == "md":
-            body = markdown = f"{caption}\n\n{body}\n"
-        elif ext == "html":
-            body = body.replace("<table>", f"<table>\n<caption>{caption}</caption>", 1)
-        else:
-            body = f"% {caption}\n{body}\n"
-        path.with_suffix(f".{ext}").write_text(body)
-        written.append(path.with_suffix(f".{ext}"))
-    return written, markdown
-
-
-def build(uri: str | None, experiment: str, out: Path, selection: Selection, threshold: float = 0.16,
-          reference: str = "ifo", tasks: list[str] | None = None, parent: str | None = None) -> list[Path]:
-    """Write every table and plot; returns the files written."""
+def task_report(task: str, task_runs: pd.DataFrame, main: pd.DataFrame, chosen: dict[str, float], folder: Path,
+                selection: Selection, threshold: float | None, reference: str, origin: dict[str, str]) -> TaskReport:
+    """Every table and figure of one task (figures are written to `folder`). main: the runs at
+    threshold d; chosen: each method's learning rate."""
     from . import plots
 
+    missing = sorted(set(main["method"]) - set(chosen))
+    notes = [f"{task}: left out, " + (f"no runs at d = {_d(threshold)}" if main.empty else
+                                      f"no run at {selection.target()}: {', '.join(missing)}")
+             ] if not chosen or missing else []
+    if not chosen:
+        return TaskReport(task, {}, {}, {}, notes)
+    at_lr = at_chosen(main, chosen)
+    head = f"{task}: {main['configuration'].nunique()} configuration(s), d = {_d(threshold)}; {selection.caption()}"
+    methods = method_table(at_lr, chosen, selection.label(), reference)
+    order = list(methods["method"])
+    data, view = headline_table(methods)
+    tables = {"headline": Table(data, (
+        f"{head}. Mean Δacc (points, on the uncertain samples) with its BCa bootstrap 95% CI; wins/losses: "
+        f"configurations with Δacc > 0 / < 0; {HEADLINE_P}: one-sided Wilcoxon signed-rank test against the source "
+        f"model, Holm-adjusted across the methods; cost: forward/backward passes per uncertain (scored) sample "
+        f"as run (a one-gradient sweep over K learning rates includes its K prediction forwards)."), view)}
+    for axis in option_axes(at_lr):
+        tables[f"by_{axis}"] = Table(axis_table(at_lr, axis, order), (
+            f"{head}. Methods × {axis}: mean Δacc (points) over the configurations with that {axis}; "
+            f"mean: over all configurations."))
+    tables["configurations"] = Table(configuration_table(at_lr, reference),
+                                     f"{head}. Per configuration: Δacc in points (n_fixed/n_broken).")
+    by_lr = lr_table(main)
+    data, view = lr_grid(by_lr, chosen, order)
+    tables["learning_rates"] = Table(data, (f"{task}: methods × learning rates, mean Δacc (points) over the "
+                                            f"configurations;{CHOSEN} marks the lr each method is ranked at "
+                                            f"({selection.caption()})."), view)
+    figures = {"learning_rates": plots.lr_plot(by_lr, folder / "delta_vs_lr.png", chosen)}
+    if (fr := friedman_table(at_lr)) is not None:
+        table, result = fr
+        tables["friedman"] = Table(table, f"{head}. Friedman χ² = {result.statistic:.3g}, p = {result.p:.3g}; "
+                                          f"Nemenyi critical difference (α = 0.05) = {result.cd:.3g}.")
+        figures["friedman"] = plots.cd_diagram(table, result.cd, folder / "cd.png")
+    if not (th := threshold_table(task_runs, chosen)).empty:
+        tables["thresholds"] = Table(th, f"{task}: Δacc and frac_uncertain vs threshold d; {selection.caption()}.")
+        figures["thresholds"] = plots.threshold_plot(th, folder / "threshold.png")
+    tables["methods"] = Table(methods, (f"{head}. Every statistic: each method vs the source model over "
+                                        f"configurations (sign test, t-test, Wilcoxon; Holm across methods) and "
+                                        f"vs {reference} (paired)."))
+    tables["learning_rates_detail"] = Table(by_lr, f"{task}: mean Δacc and #configurations improved per "
+                                                   f"learning rate.")
+    return TaskReport(task, tables, figures, provenance(task_runs, at_lr, origin), notes)
+
+
+def provenance(task_runs: pd.DataFrame, at_lr: pd.DataFrame, origin: dict[str, str]) -> dict[str, str]:
+    """Where a task's numbers come from: the store selection (origin) and the runs' own tags."""
+    def distinct(column: str) -> str:
+        return ", ".join(sorted({str(v) for v in task_runs[column].dropna()})) or "not recorded"
+
+    start = pd.to_datetime(task_runs["start"], utc=True)
+    return {**origin,
+            "sweep parent": origin.get("sweep parent") or
+            f"all runs of the experiment (under {task_runs['parent'].nunique()} parent run(s))",
+            "runs": f"{len(task_runs)} finished result runs; {len(at_lr)} at the chosen learning rates",
+            "runs started": f"{start.min():%Y-%m-%d %H:%M} to {start.max():%Y-%m-%d %H:%M} UTC",
+            "tta-bench": distinct("tta-bench"), "torch": distinct("torch"),
+            "git commit": ", ".join(sorted({str(c)[:12] for c in task_runs["commit"].dropna()})) or "not recorded"}
+
+
+def build(uri: str | None, experiment: str, out: Path, selection: Selection, threshold: float | None = 0.16,
+          reference: str | None = None, tasks: list[str] | None = None, parent: str | None = None,
+          site: Path | None = None) -> list[Path]:
+    """Write every table and plot (and the static site into `site`, if given); returns the files
+    written. threshold None: the runs without a gate; reference None: ifo (where it has runs).
+    Methods or tasks without runs at the chosen lr or threshold are left out with a warning; a
+    TTAError if that leaves nothing."""
     runs = load_runs(uri, experiment, parent)
     if tasks:
         unknown = set(tasks) - set(runs["task"])
@@ -222,42 +257,56 @@ def build(uri: str | None, experiment: str, out: Path, selection: Selection, thr
             raise TTAError(f"no runs for task(s) {', '.join(sorted(unknown))}; tasks with runs: "
                            f"{', '.join(sorted(runs['task'].unique()))}")
         runs = runs[runs["task"].isin(tasks)]
+    if reference is not None and reference not in set(runs["method"]):
+        raise TTAError(f"--reference {reference!r} has no runs; methods with runs: {_names(runs['method'])}")
+    reference = reference or "ifo"
+    at_d = runs[runs["threshold"].isna() if threshold is None else np.isclose(runs["threshold"], threshold)]
+    chosen_by_task = {task: choose_lrs(g, selection) for task, g in at_d.groupby("task")}
+    if not any(chosen_by_task.values()):
+        raise TTAError(f"no runs at threshold d = {_d(threshold)}; thresholds with runs: "
+                       f"{_names(runs['threshold'])}; pass one of them to --threshold" if at_d.empty else
+                       f"no run at {selection.target()} for method(s) {_names(at_d['method'])} (d = {_d(threshold)}); "
+                       f"learning rates with runs: {_names(at_d['lr'])}; "
+                       + ("pass one of them to --lr" if selection.mode == "fixed"
+                          else "pass --select best, or --select fixed --lr LR"))
+    built = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+    origin = {"experiment": experiment, "sweep parent": parent or "", "lr selection": selection.caption(),
+              "threshold": f"d = {_d(threshold)}", "built": built}
+    reports = [task_report(task, g, at_d[at_d["task"] == task], chosen_by_task.get(task, {}), out / task,
+                           selection, threshold, reference, origin) for task, g in runs.groupby("task")]
+    summary = (f"Experiment `{experiment}`, {len(runs)} result runs. {selection.caption()}. Tables at threshold "
+               f"d = {_d(threshold)}; tests are one-sided (improvement). Built {built}.")
     written: list[Path] = []
-    sections = [f"# Leaderboard\n\nExperiment `{experiment}`, {len(runs)} result runs. {selection.caption()}. "
-                f"Tables at threshold d = {threshold:g}; tests are one-sided (improvement).\n"]
-    for task, task_runs in runs.groupby("task"):
-        folder = out / task
-        main = task_runs[np.isclose(task_runs["threshold"], threshold)]
-        if main.empty:
-            continue
-        chosen = choose_lrs(main, selection)
-        sections.append(f"## {task}\n")
-        if missing := sorted(set(main["method"]) - set(chosen)):
-            sections.append(f"{task}: left out, no run at a learning rate near their default: {', '.join(missing)}\n")
-        at_lr = at_chosen(main, chosen)
-        by_lr = lr_table(main)
-        n_conf = main["configuration"].nunique()
-        head = f"{task}: {n_conf} configuration(s), d = {threshold:g}; {selection.caption()}"
-        tables = {
-            "methods": (method_table(at_lr, chosen, selection, reference),
-                        f"{head}. Each method vs the source model over configurations "
-                        f"(sign test, t-test, Wilcoxon; Holm across methods) and vs {reference} (paired)."),
-            "configurations": (configuration_table(at_lr, reference),
-                               f"{head}. Per configuration: Δacc in points (n_fixed/n_broken)."),
-            "learning_rates": (by_lr, f"{task}: mean Δacc and #configurations improved per learning rate."),
-        }
-        if (fr := friedman_table(at_lr)) is not None:
-            table, result = fr
-            tables["friedman"] = (table, f"{head}. Friedman χ² = {result.statistic:.3g}, p = {result.p:.3g}; "
-                                  f"Nemenyi critical difference (α = 0.05) = {result.cd:.3g}.")
-            written.append(plots.cd_diagram(table, result.cd, folder / "cd.png"))
-        if not (th := threshold_table(task_runs, chosen)).empty:
-            tables["thresholds"] = (th, f"{task}: Δacc and frac_uncertain vs threshold d; {selection.caption()}.")
-            written.append(plots.threshold_plot(th, folder / "threshold.png"))
-        written.append(plots.lr_plot(by_lr, folder / "delta_vs_lr.png"))
-        for name, (table, caption) in tables.items():
-            files, markdown = write_table(table, folder / name, caption)
+    headlines, sections = ["## Headline\n"], []
+    for r in reports:
+        for note in r.notes:
+            warnings.warn(note, stacklevel=2)
+        sections += [f"## {r.task}\n", *(note + "\n" for note in r.notes)]
+        if r.provenance:
+            sections.append("Provenance: " + "; ".join(f"{k}: {v}" for k, v in r.provenance.items() if v) + ".\n")
+        written += r.plots.values()
+        for name, table in r.tables.items():
+            files, markdown = write_table(table, out / r.task / name)
             written += files
-            sections.append(f"### {name}\n\n{markdown}")
-    (out / "LEADERBOARD.md").write_text("\n".join(sections))
-    return [*written, out / "LEADERBOARD.md"]
+            if name == "headline":
+                headlines.append(f"### {r.task}\n\n{markdown}")
+            elif name != "learning_rates_detail":  # in its CSV, HTML and LaTeX files only
+                sections.append(f"### {name}\n\n{markdown}")
+    (out / "LEADERBOARD.md").write_text("\n".join([f"# Leaderboard\n\n{summary}\n", *headlines, *sections]))
+    written.append(out / "LEADERBOARD.md")
+    if site is not None:
+        from .site import write_site
+        written += write_site(site, summary, reports)
+    return written
+
+
+def _d(threshold: float | None) -> str:
+    return "none (no gate)" if threshold is None or math.isnan(threshold) else f"{threshold:g}"
+
+
+def _names(values: pd.Series) -> str:
+    """The distinct values, sorted, for a message (thresholds: NaN is a run without a gate)."""
+    distinct = values.drop_duplicates()
+    if distinct.dtype.kind == "f":
+        return ", ".join(_d(x) for x in sorted(distinct, key=lambda x: (math.isnan(x), x)))
+    return ", ".join(sorted(map(str, distinct)))

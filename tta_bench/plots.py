@@ -8,6 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
@@ -19,14 +20,19 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def lr_plot(table: pd.DataFrame, path: Path) -> Path:
-    """Mean Δacc and #configurations with Δacc > 0 vs learning rate (the paper's Figures 7/8)."""
+def lr_plot(table: pd.DataFrame, path: Path, chosen: dict[str, float] | None = None) -> Path:
+    """Mean Δacc and #configurations with Δacc > 0 vs learning rate (the paper's Figures 7/8);
+    a star marks each method's chosen lr."""
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     for method, g in table.groupby("method"):
-        top.plot(g["lr"], g["mean Δacc"], marker="o", ms=3, label=method)
+        line, = top.plot(g["lr"], g["mean Δacc"], marker="o", ms=3, label=method)
         bottom.plot(g["lr"], g["Δacc>0"], marker="o", ms=3, label=method)
+        at = g[np.isclose(g["lr"], (chosen or {}).get(method, -1.0), rtol=1e-9)]
+        top.plot(at["lr"], at["mean Δacc"], marker="*", ms=12, ls="", color=line.get_color())
     top.axhline(0, color="grey", lw=0.8)
     top.set(xscale="log", ylabel="mean Δacc (points)")
+    if chosen:
+        top.set_title("★ the lr each method is ranked at", fontsize=8)
     bottom.set(xscale="log", xlabel="learning rate", ylabel="#configurations Δacc > 0")
     top.legend(fontsize=8)
     return _save(fig, path)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import time
 import warnings
@@ -27,7 +28,7 @@ from .errors import TTAError
 from .metrics import summarize
 from .method import Method
 from .provenance import environment
-from .task import Sample, Task, select, to_device
+from .task import Sample, Task, UnreadableSample, select, to_device
 from .tracking import DEFAULT_EXPERIMENT, Tracker, TrackingUnavailable, resolve_uri, sync_hint
 
 # Measured (EfficientNet-Lite0, 224 px, 1 thread): per-sample forward 16 ms at batch 1, 29 ms at 16,
@@ -75,14 +76,32 @@ class RunResult:
 
     @classmethod
     def load(cls, out: Path) -> RunResult:
-        """A result saved by `save` (e.g. to upload it to MLflow later)."""
+        """A result saved by `save` (e.g. to upload it to MLflow later); a TTAError naming the
+        folder and what is wrong if it holds none."""
+        from .tracking import _first_line, run_params, run_tags
+
+        fix = "pass a folder written by tta-bench run (or re-run it)"
+        path = out / "run.json"
         try:
-            record = json.loads((out / "run.json").read_text())
-            rows = pd.read_parquet(out / "samples.parquet")
-        except (OSError, ValueError) as err:
-            raise TTAError(f"{out} holds no readable tta-bench results ({err}); pass a folder "
-                           f"written by tta-bench run") from None
-        return cls(rows, record["summary"], record["config"], record["metadata"], record["interrupted"])
+            record = json.loads(path.read_text())
+            path = out / "samples.parquet"
+            rows = pd.read_parquet(path)
+        except FileNotFoundError:
+            raise TTAError(f"{out}: {path.name} is missing; {fix}") from None
+        except (OSError, ValueError) as err:  # unreadable, not JSON, not parquet
+            why = getattr(err, "strerror", None) or _first_line(err)
+            raise TTAError(f"{out}: {path.name} cannot be read ({why}); {fix}") from None
+        fields = {"summary": list, "config": dict, "metadata": dict, "interrupted": bool}
+        if wrong := [k for k, kind in fields.items()
+                     if not isinstance(record, dict) or not isinstance(record.get(k), kind)]:
+            raise TTAError(f"{out}: run.json is not a tta-bench run record ({', '.join(wrong)} missing or "
+                           f"of the wrong type); {fix}")
+        result = cls(rows, record["summary"], record["config"], record["metadata"], record["interrupted"])
+        try:  # everything logging it reads
+            run_params(result.config), run_tags(result)
+        except (KeyError, TypeError, AttributeError) as err:
+            raise TTAError(f"{out}: run.json is incomplete or damaged ({type(err).__name__}: {err}); {fix}") from None
+        return result
 
 
 @dataclass
@@ -105,23 +124,42 @@ class RunOptions:
     adapt_block: int | None = None  # uncertain samples adapted at once (vmap); None: blocks on CUDA only
     max_memory: int | None = None  # bytes for one block; None: half the free device memory
     autocast: str | None = None  # "bf16": bfloat16 autocast for every forward (CUDA only)
+    skip_unreadable: bool = False  # skip (and record) samples whose data cannot be read
 
     def __post_init__(self) -> None:
         for name in ("limit", "max_uncertain", "batch_size", "adapt_block", "checkpoint_every", "max_memory"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise TTAError(f"{name.replace('_', ' ')} must be >= 1, got {value}")
+        if not 0 <= self.seed < 2**32:  # what numpy and torch accept
+            raise TTAError(f"seed must be in 0 .. 2**32 - 1, got {self.seed}")
+
+
+def parse_device(name: str) -> torch.device | None:
+    """The device a name stands for (None: auto), checked by name only (a sweep is expanded on a
+    machine that may lack its jobs' GPUs)."""
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):  # meta, xla, …: no real data
+        raise TTAError(f"unknown or unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
+    """The device to run on, present on this machine."""
+    device = parse_device(name)
+    if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TTAError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TTAError(f"device {name} requested but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise TTAError(f"device {name} does not exist: {torch.cuda.device_count()} CUDA device(s); use cuda:0")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise TTAError(f"device {name} requested but MPS is not available; use --device cpu")
     return device
 
 
@@ -135,23 +173,42 @@ class Scored:
     delta: float  # Δ1,2
     prob: float  # p(ŷ0)
     seconds: float  # its share of the batched source forward
+    unreadable: dict | None = None  # why its data could not be read (skipped, never scored)
 
 
 def source_pass(task: Task, model: torch.nn.Module, samples: Iterable[Sample], batch_size: int,
-                device: torch.device) -> Iterator[Scored]:
-    """Batched source forward (θ0 is shared by all samples), yielded one sample at a time."""
+                device: torch.device, skip_unreadable: bool = False) -> Iterator[Scored]:
+    """Batched source forward (θ0 is shared by all samples), yielded one sample at a time, in
+    order; a sample whose data cannot be read stops the scan, or with `skip_unreadable` is
+    yielded as `unreadable` (counted as seen, never scored)."""
     it = iter(samples)
     while chunk := list(islice(it, batch_size)):
         t0 = perf_counter()
-        inputs = to_device(task.collate([s.raw for s in chunk]), device)
-        with torch.no_grad():
-            probs = torch.softmax(task.class_logits(model, inputs).float(), dim=-1)
-        top = probs.topk(min(2, probs.shape[-1]), dim=-1)
-        deltas = (top.values[:, 0] - top.values[:, -1]).tolist()
-        preds, p0 = top.indices[:, 0].tolist(), top.values[:, 0].tolist()
+        readable, unreadable, inputs = list(chunk), {}, None
+        while readable:
+            try:
+                inputs = to_device(task.collate([s.raw for s in readable]), device)
+                break
+            except UnreadableSample as err:
+                if not skip_unreadable:
+                    raise TTAError(f"{err}; pass --skip-unreadable to skip such samples (each one is "
+                                   "recorded in run.json)") from None
+                bad = readable.pop(err.position)
+                unreadable[bad.index] = {"index": bad.index, "what": err.what, "reason": err.reason}
+        if inputs is not None:
+            with torch.no_grad():
+                probs = torch.softmax(task.class_logits(model, inputs).float(), dim=-1)
+            top = probs.topk(min(2, probs.shape[-1]), dim=-1)
+            deltas = (top.values[:, 0] - top.values[:, -1]).tolist()
+            preds, p0 = top.indices[:, 0].tolist(), top.values[:, 0].tolist()
         seconds = (perf_counter() - t0) / len(chunk)
-        for i, sample in enumerate(chunk):
-            yield Scored(sample, select(inputs, i), preds[i], deltas[i], p0[i], seconds)
+        i = 0
+        for sample in chunk:
+            if sample.index in unreadable:
+                yield Scored(sample, None, -1, math.nan, math.nan, 0.0, unreadable[sample.index])
+            else:
+                yield Scored(sample, select(inputs, i), preds[i], deltas[i], p0[i], seconds)
+                i += 1
 
 
 class Recorder:
@@ -211,8 +268,8 @@ def run(task: Task, method: Method, protocol: Protocol, options: RunOptions | No
     If MLflow cannot be reached the run goes on; its results are saved locally and a
     TrackingWarning says how to upload them later."""
     options = options or RunOptions()
-    method.supports(task)  # cheap checks first: a bad input costs nothing, not even a store
-    task.check()
+    task.check()  # data and names first (before the model loads), then what they allow
+    method.supports(task)
     device = resolve_device(options.device)
     if options.autocast not in (None, "bf16"):
         raise TTAError(f"unknown autocast {options.autocast!r}; use bf16 (or none)")
@@ -231,6 +288,8 @@ def run(task: Task, method: Method, protocol: Protocol, options: RunOptions | No
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if options.autocast else nullcontext()
     with cuda_precision(options.tf32), autocast:
         result = _run(task, method, protocol, options, device)
+    if result.interrupted and result.rows.empty:  # stopped before the first sample: nothing to keep
+        return result
     if out is not None:
         result.save(out)
     if tracker is not None:
@@ -241,6 +300,11 @@ def run(task: Task, method: Method, protocol: Protocol, options: RunOptions | No
                 out = default_out(task, method)
                 result.save(out)
             _warn_untracked(str(err), out, options)
+    if stopped_by := result.metadata["stopped_by"]:
+        kept = ([f"in {out}"] * (out is not None) + [f"as MLflow run {result.tracking}"] * bool(result.tracking)
+                + [f"in checkpoint {options.checkpoint}"] * bool(options.checkpoint))
+        raise TTAError(f"{stopped_by} (the {result.rows['index'].nunique()} samples finished before it are "
+                       f"kept {' and '.join(kept)}, marked interrupted)" if kept else stopped_by)
     return result
 
 
@@ -250,7 +314,7 @@ class TrackingWarning(UserWarning):
 
 def _warn_untracked(reason: str, out: Path, options: RunOptions) -> None:
     warnings.warn(f"{reason}; the results are kept in {out}; upload them later with: "
-                  f"{sync_hint(out, resolve_uri(options.tracking_uri))}", TrackingWarning, stacklevel=3)
+                  f"{sync_hint(out, resolve_uri(options.tracking_uri), options.experiment)}", TrackingWarning, stacklevel=3)
 
 
 def default_out(task: Task, method: Method) -> Path:
@@ -272,6 +336,7 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
     if done is not None:
         recorder.extend(done.rows)
     n_seen, n_uncertain = (done.n_seen, done.n_uncertain) if done else (0, 0)
+    skipped: list[dict] = list(done.skipped) if done else []  # unreadable samples passed over
     prior_wall, last_saved = (done.wall if done else 0.0), n_seen
     total = task.num_samples()
     if options.limit is not None:
@@ -279,20 +344,22 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
     bar = tqdm(total=total, initial=n_seen, unit="sample", disable=not options.progress, dynamic_ncols=True)
     finished = options.max_uncertain is not None and n_uncertain >= options.max_uncertain
     stream = islice(task.samples(), n_seen, options.limit) if not finished else iter(())
-    scored = source_pass(task, model, stream, options.batch_size, device)
-    start, interrupted = perf_counter(), False
+    scored = source_pass(task, model, stream, options.batch_size, device, options.skip_unreadable)
+    start, interrupted, stopped_by = perf_counter(), False, None
     pending: list[tuple[Scored, bool]] = []  # scanned, waiting for their block to be adapted
     fallback = ""  # why blocks were given up, if they were
+    first_block, halvings = block, 0  # blocks halve after an out-of-memory error
 
     def adapt_pending() -> None:
         """Adapt the pending uncertain samples (one at a time, or as one block); record all."""
-        nonlocal n_seen, n_uncertain, blocks, block, fallback
+        nonlocal n_seen, n_uncertain, blocks, block, fallback, halvings
         gated = [s for s, uncertain in pending if uncertain]
         t0 = perf_counter()
         results = []
         if adapter is not None and gated and blocks is not None:
             try:
-                results = blocks.adapt(torch.cat([s.inputs for s in gated]))
+                results, block, halved = adapt_in_blocks(blocks, torch.cat([s.inputs for s in gated]), block)
+                halvings += halved
             except RuntimeError as err:  # an op vmap cannot batch: this model adapts one at a time
                 fallback = str(err).strip().splitlines()[0][:200]
                 warnings.warn(f"adapting in blocks failed ({fallback}); adapting one sample at a time")
@@ -302,9 +369,12 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
         share = (perf_counter() - t0) / max(1, len(gated))
         it = iter(results)
         for s, uncertain in pending:
+            n_seen += 1
+            if s.unreadable is not None:
+                skipped.append(s.unreadable)
+                continue
             a = next(it) if uncertain and adapter else None
             recorder.add(s, uncertain, a, s.seconds + (share if uncertain else 0.0))
-            n_seen += 1
             n_uncertain += uncertain
         bar.update(len(pending))
         bar.set_postfix(uncertain=n_uncertain, refresh=False)
@@ -312,14 +382,14 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
 
     def save_progress() -> None:
         wall = prior_wall + perf_counter() - start
-        checkpoint.save(options.checkpoint, checkpoint.Progress(recorder.frame(), n_seen, n_uncertain, wall),
-                        fingerprint)
+        checkpoint.save(options.checkpoint, checkpoint.Progress(recorder.frame(), n_seen, n_uncertain, wall,
+                                                                skipped), fingerprint)
 
     try:
         with adapter if adapter is not None else nullcontext():
             queued = n_uncertain  # uncertain samples scanned so far (recorded or pending)
             for s in scored:
-                uncertain = threshold is None or s.delta < threshold
+                uncertain = s.unreadable is None and (threshold is None or s.delta < threshold)
                 pending.append((s, uncertain))
                 queued += uncertain
                 if queued - n_uncertain >= block:
@@ -330,13 +400,17 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
                 if options.max_uncertain is not None and queued >= options.max_uncertain:
                     break
             adapt_pending()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see signals.py): keep what finished
         interrupted = True
+    except TTAError as err:  # the data failed mid-scan: keep what finished, then say why
+        interrupted, stopped_by = True, str(err)
     finally:
         bar.close()
     if options.checkpoint and n_seen > last_saved:
         save_progress()
     wall = prior_wall + perf_counter() - start
+    if n_seen == 0 and stopped_by:
+        raise TTAError(stopped_by)
     if n_seen == 0 and not interrupted:
         raise TTAError(f"task {task.name} yielded no samples; check its data options")
     rows = recorder.frame()
@@ -347,12 +421,37 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
         "sweep": "one-gradient" if (adapter.one_gradient if adapter else protocol.one_gradient) else "per-lr",
         "gate_threshold": threshold,
         "adaptation": (f"blocks of {block} (torch.func.vmap)" if blocks else
-                       f"one sample at a time (blocks failed: {fallback})" if fallback else "one sample at a time"),
+                       f"one sample at a time (blocks failed: {fallback})" if fallback else "one sample at a time")
+                      + (f", halved from {first_block} after {halvings} out-of-memory error(s)" if halvings else ""),
+        "out_of_memory_halvings": halvings,
         "adapted_parameters": sum(p.numel() for p in adapter.params) if adapter else 0,
         "adapted_parameter_names": _names(adapter, model),
     }
-    metadata = {**environment(device), "task": task.metadata(), "resumed_from_sample": done.n_seen if done else 0}
+    metadata = {**environment(device), "task": task.metadata(), "resumed_from_sample": done.n_seen if done else 0,
+                "skipped_unreadable": skipped, "stopped_by": stopped_by}
     return RunResult(rows, summarize(rows, wall) if len(rows) else [], config, metadata, interrupted)
+
+
+def adapt_in_blocks(blocks: BlockAdapter, inputs: torch.Tensor, size: int) -> tuple[list[Adaptation], int, int]:
+    """Adapt `inputs` in blocks of `size`; a block that runs out of memory is halved and retried,
+    down to one sample. Returns the adaptations, the block size that fitted and the halvings."""
+    results: list[Adaptation] = []
+    halvings = 0
+    while len(results) < len(inputs):
+        start, out_of_memory = len(results), False
+        try:
+            results += blocks.adapt(inputs[start:start + size])
+        except torch.OutOfMemoryError:
+            if size == 1:
+                raise TTAError("out of memory adapting a single sample; free GPU memory, use a smaller "
+                               "model, --autocast bf16 or --device cpu") from None
+            out_of_memory = True
+        if out_of_memory:  # outside the handler, so the failed block's tensors are freed first
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            size, halvings = max(1, size // 2), halvings + 1
+            warnings.warn(f"out of memory in a block; retrying it in blocks of {size}")
+    return results, size, halvings
 
 
 def _block_adapter(adapter: Adapter | None, model: torch.nn.Module, method: Method, task: Task,

@@ -23,21 +23,33 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import sys
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .engine import LR_GRIDS, Protocol
 from .errors import TTAError
+from .hparams import HParam
+from .registry import get_method, get_task
+from .runner import RunOptions, parse_device
 
-# Settings of a run (not task options or method hyperparameters), with their defaults.
-RUN_SETTINGS: dict[str, Any] = {
-    "lr": None, "lr_grid": None, "threshold": 0.16, "seed": 0, "steps": 1, "clip": 1.0,
-    "optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0, "limit": None, "max_uncertain": None,
-    "batch_size": None, "device": "auto",
+# Settings of a run (not task options or method hyperparameters): their types and defaults. Values
+# are converted here and range-checked by Protocol and RunOptions, as for `tta-bench run`.
+RUN_SETTINGS: dict[str, HParam] = {
+    "lr": HParam(None, float), "lr_grid": HParam(None, str, choices=tuple(LR_GRIDS)),
+    "threshold": HParam(0.16, float, nullable=True), "seed": HParam(0, int), "steps": HParam(1, int),
+    "clip": HParam(1.0, float, nullable=True), "optimizer": HParam("sgd", str),
+    "momentum": HParam(0.0, float), "weight_decay": HParam(0.0, float),
+    "limit": HParam(None, int, nullable=True), "max_uncertain": HParam(None, int, nullable=True),
+    "batch_size": HParam(None, int, nullable=True), "device": HParam("auto", str),
 }
 LIST_VALUED = {"lr"}  # a flat list is one value (the lrs of one job); a list of lists crosses
 TOP_ONLY = {"name", "experiment", "tasks", "methods", "pair"}
+SCALARS = {float: (int, float, str), int: (int, float, str), str: (str,)}  # TOML types each accepts
+PROTOCOL_KEYS = {"lr"} | {f.name for f in fields(Protocol)} - {"lrs"}
+OPTION_KEYS = {f.name for f in fields(RunOptions)} & set(RUN_SETTINGS)
 
 
 @dataclass
@@ -69,6 +81,8 @@ def expand(values: dict[str, Any], pairs: list[list[str]] | None = None) -> list
     """The cartesian product of the list values; keys named together in `pairs` are zipped."""
     pairs = pairs or []
     paired = [k for group in pairs for k in group]
+    if empty := [k for k, v in values.items() if _choices(k, v) == []]:
+        raise TTAError(f"{empty[0]} = [] lists no value (it would leave no job); give at least one")
     for group in pairs:
         missing = [k for k in group if k not in values]
         if missing:
@@ -85,37 +99,40 @@ def expand(values: dict[str, Any], pairs: list[list[str]] | None = None) -> list
 def _choices(key: str, value: Any) -> list:
     if not isinstance(value, list):
         return [value]
-    if key in LIST_VALUED and not any(isinstance(v, list) for v in value):
+    if key in LIST_VALUED and value and not any(isinstance(v, list) for v in value):
         return [value]
     return value
 
 
 def load_spec(path: Path) -> dict:
+    """The spec's TOML, unchecked: `jobs_from_spec` checks it."""
     try:
-        spec = tomllib.loads(Path(path).read_text())
+        return tomllib.loads(Path(path).read_bytes().decode())
     except OSError as err:
         raise TTAError(f"cannot read sweep spec {path}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise TTAError(f"sweep spec {path} is not a text file (not UTF-8); pass a .toml spec "
+                       f"(see sweeps/README.md)") from None
     except tomllib.TOMLDecodeError as err:
         raise TTAError(f"sweep spec {path} is not valid TOML: {err}") from None
-    for key in ("name", "tasks", "methods"):
-        if key not in spec:
-            raise TTAError(f"sweep spec {path} has no `{key}`; see `tta-bench sweep --help` for the format")
-    unknown = set(spec) - TOP_ONLY - set(RUN_SETTINGS)
-    if unknown:
-        raise TTAError(f"sweep spec {path}: unknown top-level key(s) {sorted(unknown)}; allowed: "
-                       f"{sorted(TOP_ONLY | set(RUN_SETTINGS))}")
-    return spec
 
 
-def jobs_from_spec(spec: dict) -> tuple[list[Job], list[str]]:
-    """(jobs, notes on combinations left out, e.g. a method that does not support a task)."""
-    from .cli import LR_GRIDS
-    from .engine import Protocol
-    from .registry import get_method, get_task
+def jobs_from_spec(spec: dict, where: str = "sweep spec") -> tuple[list[Job], list[str]]:
+    """(jobs, notes on combinations left out, e.g. a method that does not support a task). Every
+    key and value is checked first, each error one TTAError starting with `where` (the spec's
+    file) and naming the key."""
+    try:
+        return _jobs(spec)
+    except TTAError as err:
+        raise TTAError(f"{where}: {err}") from None
 
-    top = {k: v for k, v in spec.items() if k in RUN_SETTINGS}
-    blocks = {kind: [(b, block.get("methods")) for block in spec[kind]
-                     for b in expand(_without(block, "pair", "methods"), block.get("pair"))]
+
+def _jobs(spec: dict) -> tuple[list[Job], list[str]]:
+    _check_top(spec)
+    top = _settings(spec, "")
+    blocks = {kind: [(b, block.get("methods")) for i, block in enumerate(spec[kind], 1)
+                     for b in expand({**_without(block, "pair", "methods"), **_settings(block, f"[[{kind}]] #{i}: ")},
+                                     block.get("pair"))]
               for kind in ("tasks", "methods")}
     jobs: dict[str, Job] = {}
     notes: list[str] = []
@@ -129,33 +146,98 @@ def jobs_from_spec(spec: dict) -> tuple[list[Job], list[str]]:
         except TTAError as err:
             notes.append(f"left out: {err}")
             continue
-        settings = {**RUN_SETTINGS, **top}
+        settings = {k: s.default for k, s in RUN_SETTINGS.items()} | top
         for block in (t, m):
             settings.update({k: v for k, v in block.items() if k in RUN_SETTINGS})
         for run in expand(settings, spec.get("pair")):
             if run["lr_grid"] is not None and run["lr"] is not None:
                 raise TTAError("give lr or lr_grid, not both")
-            if run["lr_grid"] is not None and run["lr_grid"] not in LR_GRIDS:
-                raise TTAError(f"unknown lr_grid {run['lr_grid']!r}; choose one of: {', '.join(LR_GRIDS)}")
             lrs = (LR_GRIDS[run["lr_grid"]] if run["lr_grid"] else
-                   run["lr"] if isinstance(run["lr"], list) else [run["lr"] or method.default_lr])
-            protocol = Protocol(lrs=tuple(float(x) for x in lrs),
-                                **{f.name: run[f.name] for f in fields(Protocol) if f.name != "lrs"})
+                   [method.default_lr] if run["lr"] is None else run["lr"])
+            protocol = Protocol(lrs=tuple(lrs), **{f.name: run[f.name] for f in fields(Protocol) if f.name != "lrs"})
+            options = {k: run[k] for k in ("limit", "max_uncertain", "seed", "batch_size", "device")}
             config = {
                 "task": task.name, "task_options": task.config, "method": method.name, "hparams": method.config,
-                "protocol": {**asdict(protocol), "lrs": list(protocol.lrs)},
-                "options": {k: run[k] for k in ("limit", "max_uncertain", "seed", "batch_size", "device")},
+                "protocol": {**asdict(protocol), "lrs": list(protocol.lrs)}, "options": options,
             }
             job = Job(config)
             jobs.setdefault(job.key, job)
     return list(jobs.values()), sorted(set(notes))
 
 
+def _check_top(spec: dict) -> None:
+    """The spec's structure: what `_jobs` reads, with the types it reads them as."""
+    for key in ("name", "tasks", "methods"):
+        if key not in spec:
+            raise TTAError(f"no `{key}`; see sweeps/README.md for the format")
+    if unknown := set(spec) - TOP_ONLY - set(RUN_SETTINGS):
+        raise TTAError(f"unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(TOP_ONLY | set(RUN_SETTINGS))}")
+    name = spec["name"]
+    if not isinstance(name, str) or name.strip(".") == "" or "/" in name or "\\" in name:
+        raise TTAError(f"name={name!r} is not a folder name (it names the state folder)")
+    if not isinstance(spec.get("experiment", ""), str) or spec.get("experiment") == "":
+        raise TTAError(f"experiment={spec['experiment']!r} is not a non-empty string")
+    for kind in ("tasks", "methods"):
+        blocks = spec[kind]
+        if not isinstance(blocks, list) or not blocks or not all(isinstance(b, dict) for b in blocks):
+            raise TTAError(f"`{kind}` must be one or more [[{kind}]] tables, got {blocks!r}; see sweeps/README.md")
+        for i, block in enumerate(blocks, 1):
+            if "name" not in block:
+                raise TTAError(f"[[{kind}]] #{i} has no `name`; add one (tta-bench list {kind})")
+            if not isinstance(block["name"], str):
+                raise TTAError(f"[[{kind}]] #{i}: name={block['name']!r} is not a string (tta-bench list {kind})")
+            _check_pair(block.get("pair"), f"[[{kind}]] #{i}: ")
+    _check_pair(spec.get("pair"), "")
+    methods = {b["name"] for b in spec["methods"]}
+    for i, block in enumerate(spec["tasks"], 1):
+        only = block.get("methods", [])
+        if not isinstance(only, list) or not all(isinstance(m, str) for m in only):
+            raise TTAError(f"[[tasks]] #{i}: `methods` must be a list of method names, got {only!r}")
+        if missing := sorted(set(only) - methods):
+            raise TTAError(f"[[tasks]] #{i}: `methods` names {missing}, which have no [[methods]] block")
+
+
+def _check_pair(pair: Any, where: str) -> None:
+    if pair is not None and not (isinstance(pair, list) and all(
+            isinstance(g, list) and all(isinstance(k, str) for k in g) for g in pair)):
+        raise TTAError(f"{where}`pair` must be a list of lists of keys, e.g. [[\"threshold\", \"seed\"]], got {pair!r}")
+
+
+def _settings(block: dict, where: str) -> dict[str, list]:
+    """The run settings of a spec table, each converted to its type, as its list of choices."""
+    return {key: [_setting(key, choice, where) for choice in _choices(key, value)]
+            for key, value in block.items() if key in RUN_SETTINGS}
+
+
+def _setting(key: str, value: Any, where: str) -> Any:
+    if key in LIST_VALUED:  # one choice is a list of values
+        return [_scalar(key, v, where) for v in (value if isinstance(value, list) else [value])]
+    return _scalar(key, value, where)
+
+
+def _scalar(key: str, value: Any, where: str) -> Any:
+    """One value converted to its setting's type, then through the checks `tta-bench run` applies
+    to it (Protocol's, RunOptions'), so that the error names the spec's key."""
+    spec = RUN_SETTINGS[key]
+    if isinstance(value, bool) or not isinstance(value, SCALARS[spec.type]):
+        raise TTAError(f"{where}{key}={value!r} is not a valid {spec.type.__name__}")
+    value = spec.parse(f"{where}{key}", value)
+    try:
+        if isinstance(value, int) and value > sys.maxsize:
+            raise TTAError(f"at most {sys.maxsize}")
+        if key == "device":
+            parse_device(value)
+        if key in PROTOCOL_KEYS:
+            Protocol(**{"lrs": (1.0,), key: value} if key != "lr" else {"lrs": (value,)})
+        elif key in OPTION_KEYS:
+            RunOptions(**{key: value})
+    except TTAError as err:
+        raise TTAError(f"{where}{key}={value!r} is invalid: {err}") from None
+    return value
+
+
 def run_parts(config: dict) -> tuple[Any, Any, Any, dict]:
     """The task, method, protocol and RunOptions arguments a resolved job configuration stands for."""
-    from .engine import Protocol
-    from .registry import get_method, get_task
-
     p = config["protocol"]
     protocol = Protocol(lrs=tuple(p["lrs"]), **{k: v for k, v in p.items() if k != "lrs"})
     return (get_task(config["task"], **config["task_options"]),

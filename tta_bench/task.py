@@ -7,6 +7,7 @@ from typing import Any, Callable, ClassVar, Iterator, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .errors import TTAError
 from .hparams import HParam, resolve
 
 
@@ -14,6 +15,15 @@ class Sample(NamedTuple):
     index: int
     raw: Any  # whatever `collate` turns into model inputs
     label: int
+
+
+class UnreadableSample(TTAError):
+    """Raised by `Task.collate` for a sample whose data cannot be read (e.g. a corrupt image):
+    the run stops keeping what finished, or skips it with `skip_unreadable`."""
+
+    def __init__(self, position: int, what: str, reason: str):
+        super().__init__(f"cannot read {what}: {reason}")
+        self.position, self.what, self.reason = position, what, reason  # position in collate's list
 
 
 class Task:
@@ -43,6 +53,11 @@ class Task:
 
     def samples(self) -> Iterator[Sample]:
         raise NotImplementedError
+
+    def num_classes(self) -> int | None:
+        """The number of classes (the fewest of any sample where it varies), if known before the
+        model loads: methods check their hyperparameters against it (e.g. n_focus < classes)."""
+        return None
 
     def num_samples(self) -> int | None:
         """How many samples `samples()` yields, if known (for the progress bar)."""

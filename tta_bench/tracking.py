@@ -7,14 +7,18 @@ import json
 import logging
 import os
 import re
+import shlex
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import pandas as pd
 
 from .errors import TTAError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 DEFAULT_EXPERIMENT = "tta-bench"
 KIND = "tta_bench.kind"  # "result": one learning rate; "sweep": the parent of a sweep's results
@@ -44,24 +48,81 @@ def resolve_uri(uri: str | None) -> str:
     return uri or mlflow.get_tracking_uri()
 
 
-def sync_hint(out: Path | str, uri: str) -> str:
-    return f"tta-bench sync {out} --tracking-uri {uri}"
+URI_FORMS = ("sqlite:///PATH.db, http(s)://HOST:PORT, postgresql|mysql|mssql://USER@HOST/DB, "
+             "databricks[://PROFILE], file:///DIR or a folder path (with MLFLOW_ALLOW_FILE_STORE=true)")
+
+
+def check_uri(uri: str | None) -> str:
+    """The resolved tracking URI (see `resolve_uri`) if MLflow has a store for its form; else a
+    TTAError saying what is wrong and which forms are accepted. Opens and creates nothing."""
+    from mlflow import environment_variables
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking._tracking_service import utils
+    from sqlalchemy.engine import make_url
+
+    resolved = uri if uri == "" else resolve_uri(uri)  # "" is not "unset": refuse it
+    parsed = urlparse(resolved)
+    allow_folder = getattr(environment_variables, "MLFLOW_ALLOW_FILE_STORE", None)
+    try:
+        scheme = utils.get_uri_scheme(resolved)
+        try:  # MLflow's own stores and installed plugins
+            store = utils._tracking_store_registry.get_store_builder(resolved)
+        except MlflowException:
+            store = None
+        if not resolved.strip():
+            problem = "it is empty"
+        elif resolved != resolved.strip():
+            problem = "it has leading or trailing spaces"
+        elif store is None:
+            problem = f"MLflow has no tracking store for the scheme {scheme!r} (nor an installed plugin)"
+        elif scheme in ("http", "https") and not parsed.hostname:
+            problem = "it names no host"
+        elif scheme in utils.DATABASE_ENGINES and not make_url(resolved).database:
+            problem = "it names no database" + (" file (sqlite:/// then the path)" if scheme == "sqlite" else "")
+        elif store is utils._get_file_store and Path(parsed.path).suffix in (".db", ".sqlite", ".sqlite3"):
+            problem = f"a plain path means a folder store; for a SQLite file pass sqlite:///{parsed.path}"
+        elif store is utils._get_file_store and allow_folder is not None and not allow_folder.get():
+            problem = ("MLflow 3 opens folder stores only with MLFLOW_ALLOW_FILE_STORE=true; use a "
+                       "SQLite store (`mlflow migrate-filestore` converts a folder)")
+        else:
+            problem = "it names port 0" if parsed.port == 0 else ""  # .port raises for a bad port
+    except Exception as err:  # a bad port or an unparsable database URL
+        problem = _first_line(err)
+    if problem:
+        source = "--tracking-uri" if uri is not None else "MLFLOW_TRACKING_URI"
+        raise TTAError(f"tracking URI {resolved!r} ({source}) is not valid: {problem}; accepted: {URI_FORMS}")
+    return resolved
+
+
+def open_client(uri: str) -> MlflowClient:
+    """An MlflowClient that gives up within seconds on an unreachable server (MLflow's default
+    retries for minutes) and keeps the store's schema-creation chatter off stderr."""
+    from mlflow import MlflowClient
+
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    return MlflowClient(tracking_uri=uri)
+
+
+def sync_hint(out: Path | str, uri: str, experiment: str = DEFAULT_EXPERIMENT) -> str:
+    """The command that uploads `out` later to where it would have gone."""
+    words = ["tta-bench", "sync", str(out), "--tracking-uri", uri]
+    words += ["--experiment", experiment] if experiment != DEFAULT_EXPERIMENT else []
+    return shlex.join(words)
 
 
 class Tracker:
     """An MLflow store and experiment, opened (and created if need be) before any work."""
 
     def __init__(self, uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT):
-        from mlflow import MlflowClient
-
-        for name in ("mlflow.store.db.utils", "alembic"):  # silence schema-creation chatter
-            logging.getLogger(name).setLevel(logging.WARNING)
-        for key, value in HTTP_DEFAULTS.items():
-            os.environ.setdefault(key, value)
-        self.uri = resolve_uri(uri)
+        self.uri = check_uri(uri)  # a malformed URI or name is a bad input, not an outage
+        if not experiment.strip():
+            raise TTAError("the MLflow experiment name is empty; pass --experiment NAME")
         self.experiment = experiment
         try:
-            self.client = MlflowClient(tracking_uri=self.uri)
+            self.client = open_client(self.uri)
             self.experiment_id = self._experiment_id(experiment)
         except Exception as err:  # MLflow, requests and SQLAlchemy raise many types
             raise TrackingUnavailable(f"MLflow tracking at {self.uri} is unavailable: {_first_line(err)}") from None
@@ -96,8 +157,11 @@ class Tracker:
     def log(self, result: Any, tags: dict[str, str] | None = None) -> str:
         """Log a RunResult; returns the id of its top-level run (the sweep parent, if a sweep).
         The top-level run is marked finished last, so a finished parent has all its children."""
+        from .signals import shielded
+
         try:
-            return self._log(result, tags or {})
+            with shielded():  # a second Ctrl-C (or SIGTERM) cannot leave a half-logged run
+                return self._log(result, tags or {})
         except TrackingUnavailable:
             raise
         except Exception as err:

@@ -1,0 +1,208 @@
+"""The leaderboard's tables (DESIGN §5), built from the runs at each method's chosen learning
+rate: the headline, every statistic per method, methods × configurations / learning rates /
+task options, thresholds and the Friedman ranks; each written as CSV (raw numbers), Markdown,
+HTML and LaTeX."""
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tabulate import tabulate
+
+from . import stats
+
+FORMATS = {"md": "github", "html": "html", "tex": "latex_booktabs"}
+OPTION = "option."  # column prefix of the task options (corruption, model, corpus, …) in the runs
+HEADLINE_P = "p Wilcoxon (Holm)"
+CHOSEN = " ◀"  # marks the chosen learning rate in the methods × learning rates table
+
+
+def at_chosen(runs: pd.DataFrame, chosen: dict[str, float]) -> pd.DataFrame:
+    """The rows at each method's chosen learning rate."""
+    return runs[[math.isclose(lr, chosen.get(m, -1.0), rel_tol=1e-9) for m, lr in zip(runs["method"], runs["lr"], strict=True)]]
+
+
+def _fmt(column: str, x: float) -> str:
+    if column.startswith("p ") or column in ("lr", "threshold"):
+        return f"{x:.3g}"
+    if column == "frac_uncertain":
+        return f"{x:.3f}"
+    if column.startswith(("n_", "Δacc>", "Δacc<", "configs")):
+        return f"{x:.0f}"
+    return f"{x:.2f}"
+
+
+def method_table(at_lr: pd.DataFrame, chosen: dict[str, float], how: str, reference: str) -> pd.DataFrame:
+    """The paper's Table 2/5: each method against the source model and against the reference."""
+    deltas = at_lr.pivot_table(index="configuration", columns="method", values="delta_acc")
+    rows = []
+    for method in deltas.columns:
+        d = deltas[method].dropna()
+        vs = stats.versus_source(d.to_numpy())
+        row = {"method": method, "lr": chosen[method], "lr chosen": how,
+               "configs": vs.n, "mean Δacc": vs.mean, "std": vs.std, "Δacc>0": vs.n_pos,
+               "Δacc<0": vs.n_neg, "p sign": vs.p_sign, "p t": vs.p_t, "p Wilcoxon": vs.p_wilcoxon,
+               "CI95 low": vs.ci_low, "CI95 high": vs.ci_high}
+        if reference in deltas.columns:
+            both = deltas[[reference, method]].dropna()
+            row[f"p t {reference}>"], row[f"p W {reference}>"] = (
+                stats.paired(both[reference], both[method]) if method != reference else (math.nan, math.nan))
+        g = at_lr[at_lr["method"] == method]
+        row.update({"fwd/sample": g["forwards_per_sample"].mean(), "bwd/sample": g["backwards_per_sample"].mean(),
+                    "samples/s": g["samples_per_s"].mean()})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    for col in ("p sign", "p t", "p Wilcoxon", f"p t {reference}>", f"p W {reference}>"):
+        if col in table:
+            table.insert(table.columns.get_loc(col) + 1, f"{col} (Holm)", stats.holm(table[col]))
+    table = table.sort_values("mean Δacc", ascending=False, kind="stable").reset_index(drop=True)
+    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    return table
+
+
+def configuration_table(at_lr: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """The paper's Table 4: per configuration, the gate's statistics and each method's Δacc."""
+    base = at_lr.sort_values("method", key=lambda m: m != reference).groupby("configuration").first()
+    table = base[["n_total", "n_uncertain", "frac_uncertain", "acc_source"]].copy()
+    for method, g in at_lr.groupby("method"):
+        g = g.set_index("configuration")
+        table[method] = [f"{g.at[c, 'delta_acc']:+.2f} ({int(g.at[c, 'n_fixed'])}/{int(g.at[c, 'n_broken'])})"
+                         if c in g.index else "–" for c in table.index]
+    return table.reset_index()
+
+
+def lr_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean Δacc and #configurations improved per learning rate (the paper's Figures 7/8)."""
+    g = runs.groupby(["method", "lr"])["delta_acc"]
+    return pd.DataFrame({"configs": g.count(), "mean Δacc": g.mean(), "Δacc>0": g.apply(lambda d: int((d > 0).sum())),
+                         "Δacc<0": g.apply(lambda d: int((d < 0).sum()))}).reset_index()
+
+
+def threshold_table(runs: pd.DataFrame, chosen: dict[str, float]) -> pd.DataFrame:
+    """Δacc and frac_uncertain vs the threshold d at each method's chosen lr (Figure 6)."""
+    at = at_chosen(runs, chosen).dropna(subset=["threshold"])
+    # per method, only the configurations run at every one of its thresholds (comparable means)
+    n_th = at.groupby(["method", "configuration"])["threshold"].transform("nunique")
+    at = at[n_th == at.groupby("method")["threshold"].transform("nunique")]
+    g = at.groupby(["method", "threshold"])
+    table = g.agg(configs=("delta_acc", "count"), mean_delta=("delta_acc", "mean"),
+                  frac_uncertain=("frac_uncertain", "mean"), n_fixed=("n_fixed", "sum"),
+                  n_broken=("n_broken", "sum")).reset_index()
+    many = table.groupby("method")["threshold"].transform("nunique") >= 2
+    return table[many].rename(columns={"mean_delta": "mean Δacc"}).reset_index(drop=True)
+
+
+def friedman_table(at_lr: pd.DataFrame) -> tuple[pd.DataFrame, stats.Friedman] | None:
+    deltas = at_lr.pivot_table(index="configuration", columns="method", values="delta_acc").dropna()
+    if deltas.shape[1] < 3 or deltas.shape[0] < 2:
+        return None
+    result = stats.friedman(deltas.to_numpy())
+    table = pd.DataFrame({"method": deltas.columns, "average rank": result.avg_ranks}).sort_values("average rank")
+    return table.reset_index(drop=True), result
+
+
+def headline_table(methods: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The answer first: per method its rank, lr and how it was chosen, mean Δacc with its CI,
+    wins/losses over configurations, Holm-adjusted p and cost. Returns (raw numbers, view)."""
+    data = methods[["rank", "method", "lr", "lr chosen", "mean Δacc", "CI95 low", "CI95 high", "Δacc>0",
+                    "Δacc<0", HEADLINE_P, "fwd/sample", "bwd/sample"]].reset_index(drop=True)
+    ci = [f" [{lo:+.2f}, {hi:+.2f}]" if np.isfinite([lo, hi]).all() else " [–]"
+          for lo, hi in zip(data["CI95 low"], data["CI95 high"], strict=True)]
+    view = pd.DataFrame({
+        "rank": data["rank"].astype(str), "method": data["method"],
+        "lr": [f"{lr:.3g} ({how})" for lr, how in zip(data["lr"], data["lr chosen"], strict=True)],
+        "mean Δacc [95% CI]": [f"{m:+.2f}{c}" for m, c in zip(data["mean Δacc"], ci, strict=True)],
+        "wins/losses": [f"{w:.0f}/{lo:.0f}" for w, lo in zip(data["Δacc>0"], data["Δacc<0"], strict=True)],
+        HEADLINE_P: ["–" if pd.isna(x) else f"{x:.3g}" for x in data[HEADLINE_P]],
+        "fwd/bwd per sample": [f"{f:.3g} / {b:.3g}"
+                               for f, b in zip(data["fwd/sample"], data["bwd/sample"], strict=True)],
+    })
+    return data, view
+
+
+def lr_grid(by_lr: pd.DataFrame, chosen: dict[str, float], order: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Methods × learning rates: mean Δacc per lr, the chosen lr marked. Returns (raw, view)."""
+    grid = by_lr.pivot(index="method", columns="lr", values="mean Δacc")
+    grid = grid.reindex([m for m in order if m in grid.index] + sorted(set(grid.index) - set(order)))
+    lrs = list(grid.columns)
+    data = grid.set_axis([f"{lr:g}" for lr in lrs], axis=1)
+    data.insert(0, "chosen lr", [chosen.get(m, math.nan) for m in grid.index])
+    view = pd.DataFrame({"method": grid.index, "chosen lr": [_or_dash(chosen.get(m), "lr") for m in grid.index]})
+    for lr in lrs:
+        view[f"{lr:.3g}"] = [("–" if pd.isna(x) else f"{x:+.2f}")
+                             + (CHOSEN if math.isclose(lr, chosen.get(m, -1.0), rel_tol=1e-9) else "")
+                             for m, x in zip(grid.index, grid[lr], strict=True)]
+    return data.reset_index(), view
+
+
+def option_axes(at_lr: pd.DataFrame) -> list[str]:
+    """The task options that vary over the configurations (corruption, model, corpus, …)."""
+    configs = at_lr.drop_duplicates("configuration")
+    return sorted(c.removeprefix(OPTION) for c in configs.columns
+                  if c.startswith(OPTION) and configs[c].astype(str).nunique() > 1)
+
+
+def axis_table(at_lr: pd.DataFrame, axis: str, order: list[str]) -> pd.DataFrame:
+    """Methods × the values of one task option (the per-model / per-shift views of TTA papers):
+    mean Δacc over the configurations with that value, and over all of them."""
+    values = at_lr[OPTION + axis].astype(str)
+    table = at_lr.assign(value=values).pivot_table(index="method", columns="value", values="delta_acc", aggfunc="mean")
+    table = table[sorted(table.columns, key=_natural)].reindex(order)
+    table.columns = list(table.columns)
+    table["mean"] = at_lr.groupby("method")["delta_acc"].mean().reindex(order)
+    return table.rename_axis("method").reset_index()
+
+
+def _natural(value: str) -> tuple:
+    try:
+        return 0, float(value), value
+    except ValueError:
+        return 1, 0.0, value
+
+
+def _or_dash(x: float | None, column: str) -> str:
+    return "–" if x is None or pd.isna(x) else _fmt(column, x)
+
+
+@dataclass
+class Table:
+    """One published table: raw numbers (its CSV), caption, and the rendered view (default: the
+    raw numbers rounded)."""
+
+    data: pd.DataFrame
+    caption: str
+    shown: pd.DataFrame | None = None
+
+    def view(self) -> pd.DataFrame:
+        if self.shown is not None:
+            return self.shown
+        shown = self.data.copy()
+        for col in shown.columns:
+            if shown[col].dtype.kind == "f":
+                shown[col] = [_or_dash(x, col) for x in shown[col]]
+        return shown.astype(str)
+
+
+def write_table(table: Table, path: Path) -> tuple[list[Path], str]:
+    """CSV with raw numbers; Markdown, HTML and LaTeX of the view with the caption.
+    Returns the files written and the Markdown."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.data.to_csv(path.with_suffix(".csv"), index=False)
+    written, markdown = [path.with_suffix(".csv")], ""
+    for ext, fmt in FORMATS.items():
+        body = tabulate(table.view(), headers="keys", tablefmt=fmt, showindex=False, disable_numparse=True)
+        if ext == "md":
+            body = markdown = f"{table.caption}\n\n{body}\n"
+        elif ext == "html":
+            body = body.replace("<table>", f"<table>\n<caption>{html.escape(table.caption)}</caption>", 1)
+        else:
+            body = f"% {table.caption}\n{body}\n"
+        path.with_suffix(f".{ext}").write_text(body)
+        written.append(path.with_suffix(f".{ext}"))
+    return written, markdown
+
+
