@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tta_bench.cli import main
+from test_cli import run_cli
 
 # A toy task for subprocess runs: a small CNN, with a marker file once the scan is under way and
 # an optional delay per sample, so that a signal reliably lands mid-scan (or before the first).
@@ -42,15 +42,6 @@ TOY_SCRIPT = textwrap.dedent("""
     MARK, DELAY, DELAY_FIRST = Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3] == "first"
     sys.exit(main(sys.argv[4:]))
 """)
-
-
-def run_cli(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line(err: str) -> bool:
@@ -238,9 +229,10 @@ def _toy_cli(tmp_path: Path, delay: float, when: str, *argv: str) -> subprocess.
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(path: Path, timeout: float = 60) -> None:
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
+        assert proc.poll() is None, f"the run ended early ({proc.returncode}): {proc.communicate()[1]}"
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.05)
 
@@ -255,7 +247,7 @@ def _finished_runs(tmp_path: Path) -> list:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_mid_run_keeps_finished_samples(tmp_path, signum):
     proc = _toy_cli(tmp_path, 0.02, "later", "--out", str(tmp_path / "o"))
-    _wait_for(tmp_path / "mark")
+    _wait_for(tmp_path / "mark", proc)
     time.sleep(0.5)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
@@ -270,7 +262,7 @@ def test_signal_mid_run_keeps_finished_samples(tmp_path, signum):
 
 def test_interrupt_before_the_first_sample_saves_and_logs_nothing(tmp_path):
     proc = _toy_cli(tmp_path, 30, "first", "--out", str(tmp_path / "o"))
-    _wait_for(tmp_path / "mark")  # in the first sample's source forward
+    _wait_for(tmp_path / "mark", proc)  # in the first sample's source forward
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
