@@ -96,7 +96,7 @@ def _read_records(path: Path) -> list:
     if not path.is_file():
         raise TTAError(f"data file {path} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM is fine
         if not text.strip():
             raise TTAError(f"data file {path} is empty; expected {RECORD}")
         if path.suffix == ".json":
