@@ -65,7 +65,7 @@ def one_line(err: str) -> bool:
     (["-H", "n_focus=10"], "n_focus=10 puts every class of task cifar10 in focus"),
     (["--method", "dofo", "-H", "n_focus=12"], "use n_focus <= 9"),
     (["--task", "imagenet", "--model", "nope", "--weights", "none"], "unknown torchvision classification model 'nope'"),
-    (["--experiment", ""], "experiment name is empty"),
+    (["--experiment", ""], "--experiment is empty"),
     (["--tracking-uri", "foo://bar"], "tracking URI 'foo://bar' (--tracking-uri) is not valid"),
 ])
 def test_bad_run_input_is_one_line_and_leaves_no_folder(capsys, tmp_path, monkeypatch, argv, message):

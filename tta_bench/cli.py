@@ -19,7 +19,7 @@ from .hparams import parse_assignments
 from .registry import get_method, get_task, list_methods, list_tasks, method_class, task_class
 from .runner import RunOptions, RunResult, default_out, run
 from .signals import sigterm_as_interrupt
-from .tracking import DEFAULT_EXPERIMENT, Tracker, TrackingUnavailable, check_uri
+from .tracking import DEFAULT_EXPERIMENT, Tracker, TrackingUnavailable, check_experiment, check_uri
 
 DEFAULT_TASK, DEFAULT_METHOD = "cifar10", "ifo"
 
@@ -261,8 +261,7 @@ def run_folders(paths: list[Path]) -> list[Path]:
 
 def _checked_store(args: argparse.Namespace) -> str:
     """--experiment and --tracking-uri checked before any store is opened; returns the URI."""
-    if not args.experiment.strip():
-        raise TTAError(f"--experiment is empty; pass an MLflow experiment name (default {DEFAULT_EXPERIMENT})")
+    check_experiment(args.experiment)
     return check_uri(args.tracking_uri)
 
 

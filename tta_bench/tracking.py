@@ -94,6 +94,13 @@ def check_uri(uri: str | None) -> str:
     return resolved
 
 
+def check_experiment(name: str) -> str:
+    """The experiment name, if it is one (MLflow refuses an empty one)."""
+    if not name.strip():
+        raise TTAError(f"--experiment is empty; pass an MLflow experiment name (default {DEFAULT_EXPERIMENT})")
+    return name
+
+
 def open_client(uri: str) -> MlflowClient:
     """An MlflowClient that gives up within seconds on an unreachable server (MLflow's default
     retries for minutes) and keeps the store's schema-creation chatter off stderr."""
@@ -118,9 +125,7 @@ class Tracker:
 
     def __init__(self, uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT):
         self.uri = check_uri(uri)  # a malformed URI or name is a bad input, not an outage
-        if not experiment.strip():
-            raise TTAError("the MLflow experiment name is empty; pass --experiment NAME")
-        self.experiment = experiment
+        self.experiment = check_experiment(experiment)
         try:
             self.client = open_client(self.uri)
             self.experiment_id = self._experiment_id(experiment)
