@@ -16,7 +16,7 @@ from tta_bench.errors import TTAError
 from tta_bench.hparams import HParam
 from tta_bench.task import Sample
 
-from .lm import EMBEDDED, LanguageTask, last_token_logits
+from .lm import EMBEDDED, LanguageTask, hf_datasets, last_token_logits
 
 TEMPLATE = ("Answer the multiple-choice question. State only the letter ({letters}). "
             "Question: {question}\n Choices: {options}\n Answer:")
@@ -69,11 +69,9 @@ def load_questions(dataset: str, data_files: str | None, split: str | None) -> l
     elif dataset in EMBEDDED_DATASETS:
         records = json.loads((DATA / f"{dataset}.json").read_text())
     elif dataset in HUB_DATASETS:
-        import datasets
-
         config, default_split, adapt = HUB_DATASETS[dataset]
         try:
-            rows = datasets.load_dataset(dataset, config, split=split or default_split)
+            rows = hf_datasets().load_dataset(dataset, config, split=split or default_split)
         except Exception as err:
             raise TTAError(f"dataset {dataset} is not available locally and cannot be downloaded "
                            f"({str(err).strip().splitlines()[0][:160]}); download it where there is internet "

@@ -19,7 +19,7 @@ from tta_bench.errors import TTAError
 from tta_bench.hparams import HParam
 from tta_bench.task import Sample
 
-from .lm import EMBEDDED, LanguageTask, last_token_logits, offline
+from .lm import EMBEDDED, LanguageTask, hf_datasets, last_token_logits, offline
 
 SHAKESPEARE = Path(__file__).parent / "data" / "text" / "shakespeare.jsonl.gz"
 # The paper's corpora on the Hugging Face hub: (dataset id, config, text field)
@@ -117,15 +117,13 @@ def _check_file(path: Path, field: str) -> None:
 
 
 def _read_files(paths: list[Path], field: str) -> Iterator[tuple[str, str]]:
-    import datasets
-
     for path in paths:
         if path.suffix == ".txt":
             yield str(path), path.read_text(encoding="utf-8", errors="replace")
             continue
         kind = "parquet" if path.suffix == ".parquet" else "json"
         try:
-            records = datasets.load_dataset(kind, data_files=str(path), split="train")
+            records = hf_datasets().load_dataset(kind, data_files=str(path), split="train")
         except Exception as err:  # datasets raises many types for a malformed file
             raise TTAError(f"data file {path} cannot be read as {kind} ({str(err).strip().splitlines()[0][:120]})") from None
         yield from _records(iter(records), field, str(path))
@@ -133,10 +131,8 @@ def _read_files(paths: list[Path], field: str) -> Iterator[tuple[str, str]]:
 
 def hub_corpus(dataset_id: str, config: str | None, field: str, split: str) -> Iterator[tuple[str, str]]:
     """Streams when online (only what the scan needs); offline, only a cached copy can serve."""
-    import datasets
-
     try:
-        records = iter(datasets.load_dataset(dataset_id, config, split=split, streaming=not offline()))
+        records = iter(hf_datasets().load_dataset(dataset_id, config, split=split, streaming=not offline()))
         first = next(records, None)
     except Exception as err:  # datasets raises many types (ConnectionError, FileNotFoundError, ...)
         raise TTAError(f"corpus {dataset_id} ({config or 'default'}, {split}) is not available locally "

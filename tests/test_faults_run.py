@@ -308,3 +308,17 @@ def test_second_interrupt_while_logging_leaves_one_complete_run(tmp_path, toy_ta
     run_id = tracker.log(result)
     runs = _finished_runs(tmp_path)
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"} and tracker.find(result.key) == run_id
+
+
+@pytest.mark.parametrize("argv", [["--task", "mc", "--dataset", "cais/mmlu"],
+                                  ["--task", "text", "--corpus", "openwebtext"]])
+def test_offline_hub_dataset_fails_at_once(tmp_path, argv):
+    """TTA_BENCH_OFFLINE tells `datasets` before its import: no minutes of retries (28 s before)."""
+    env = {**os.environ, "TTA_BENCH_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE", None)
+    env.pop("HF_DATASETS_OFFLINE", None)
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "tta_bench.cli", "run", "--no-tracking", *argv],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == 2 and one_line(proc.stderr) and "OfflineModeIsEnabled" in proc.stderr, proc.stderr
+    assert time.monotonic() - t0 < 20
