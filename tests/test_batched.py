@@ -36,7 +36,7 @@ def test_block_equals_one_at_a_time(name, hp, clip):
 
 def test_runner_blocks_give_the_same_predictions(toy_task):
     method, protocol = tta_bench.get_method("ifo"), Protocol(LRS)
-    one = tta_bench.run(toy_task, method, protocol, RunOptions(progress=False, track=False))
+    one = tta_bench.run(toy_task, method, protocol, RunOptions(progress=False, track=False, device="cpu"))
     blocks = tta_bench.run(toy_task, method, protocol, RunOptions(progress=False, track=False, adapt_block=4))
     assert one.config["adaptation"] == "one sample at a time"  # the CPU default
     assert blocks.config["adaptation"] == "blocks of 4 (torch.func.vmap)"
@@ -93,7 +93,7 @@ def test_out_of_memory_halves_the_block_and_loses_nothing(toy_task, monkeypatch)
     method, protocol = tta_bench.get_method("ifo"), Protocol(LRS, threshold=None)  # all 40 adapted
     with pytest.warns(UserWarning, match="out of memory in a block; retrying it in blocks of 4"):
         r = tta_bench.run(toy_task, method, protocol, RunOptions(progress=False, track=False, adapt_block=8))
-    one = tta_bench.run(toy_task, method, protocol, RunOptions(progress=False, track=False))
+    one = tta_bench.run(toy_task, method, protocol, RunOptions(progress=False, track=False, adapt_block=1))
     assert sizes[:3] == [8, 4, 2] and max(sizes[3:]) <= 2  # halved twice, then blocks of 2 only
     assert r.config["adaptation"] == "blocks of 2 (torch.func.vmap), halved from 8 after 2 out-of-memory error(s)"
     assert r.config["out_of_memory_halvings"] == 2
@@ -109,3 +109,59 @@ def test_out_of_memory_at_one_sample_stops_keeping_what_finished(toy_task, monke
     with pytest.warns(UserWarning), pytest.raises(TTAError, match="out of memory adapting a single sample"):
         tta_bench.run(toy_task, tta_bench.get_method("ifo"), Protocol(LRS),
                       RunOptions(progress=False, track=False, adapt_block=2))
+
+
+def test_the_block_sizer_sizes_later_blocks_from_the_probes_memory(toy_task, monkeypatch):
+    """On CUDA the first block is a probe of PROBE_BLOCK samples: its peak memory rise per sample
+    sets the later blocks to what fits the budget (memory faked here: 100 bytes per sample)."""
+    from tta_bench.batched import MAX_BLOCK, PROBE_BLOCK, BlockSizer
+    from tta_bench.runner import adapt_in_blocks
+
+    last = [0]
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 5000)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 5000 + 100 * last[0])
+    adapt, sizes = BlockAdapter.adapt, []
+
+    def counted(self, inputs):
+        sizes.append(len(inputs))
+        last[0] = len(inputs)
+        return adapt(self, inputs)
+
+    monkeypatch.setattr(BlockAdapter, "adapt", counted)
+    method, protocol = tta_bench.get_method("ifo"), Protocol(LRS, threshold=None)
+    model = toy_task.load_model()
+    with Adapter(model, method, lambda m, v: m(v), protocol) as adapter:
+        blocks = BlockAdapter(model, method, lambda m, v: m(v), protocol, adapter.param_names)
+        sizer = BlockSizer(torch.device("cpu"), budget=1250)
+        results, size, halvings = adapt_in_blocks(blocks, toy_task.x, PROBE_BLOCK, sizer)
+        one = [adapter.adapt(toy_task.x[i:i + 1], i) for i in range(len(toy_task.x))]
+    assert sizer.per_sample == 100 and size == 12 and halvings == 0
+    assert sizes == [PROBE_BLOCK, 12, 12, 8]  # 40 samples: the probe, then blocks of 1250 // 100
+    assert sizer.record() == {"budget_bytes": 1250, "base_bytes": 5000, "probe_samples": PROBE_BLOCK, "bytes_per_sample": 100.0,
+                              "block": 12}
+    assert [int(r.logits[0].argmax()) for r in results] == [int(r.logits[0].argmax()) for r in one]
+    huge, tiny = BlockSizer(torch.device("cpu"), budget=10**12), BlockSizer(torch.device("cpu"), budget=50)
+    huge.per_sample = tiny.per_sample = 100.0
+    assert (huge.block(), tiny.block()) == (MAX_BLOCK, 1)
+
+
+def test_bf16_autocast_sees_the_weights_adapted_in_place(toy_task):
+    """The engine writes θ0 − η·g into the parameters in place; autocast's weight cache would keep
+    serving the bf16 copy of θ0 (every adapted prediction the source one). The runner's autocast
+    has the cache off (shown here on CPU, where torch's autocast cache behaves the same)."""
+    from tta_bench.runner import autocast
+
+    model, method, protocol = toy_task.load_model(), tta_bench.get_method("ifo"), Protocol((1.0,), clip=None)
+    x = toy_task.x[:1]
+    with Adapter(model, method, lambda m, v: m(v), protocol) as adapter:
+        fp32 = adapter.adapt(x, 0)
+        with autocast("bf16", torch.device("cpu")):
+            source = model(x).float()
+            bf16 = adapter.adapt(x, 0).logits[0].float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the cache on: stale bf16 weights
+            stale = adapter.adapt(x, 0).logits[0].float()
+    adapted = fp32.logits[0]
+    error = (bf16 - adapted).abs().max()  # bf16 rounding only
+    assert error < 0.2 * (source[0] - adapted).abs().max() and error < 0.2 * (stale - adapted).abs().max()

@@ -8,7 +8,7 @@ import random
 import time
 import warnings
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from itertools import islice
 from pathlib import Path
@@ -22,7 +22,7 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .batched import BlockAdapter, block_size, supports_blocks
+from .batched import PROBE_BLOCK, BlockAdapter, BlockSizer, supports_blocks
 from .engine import Adaptation, Adapter, Protocol
 from .errors import TTAError
 from .metrics import summarize
@@ -122,7 +122,7 @@ class RunOptions:
     checkpoint: Path | None = None  # per-sample rows saved here as the run goes; resumed if present
     checkpoint_every: int = 200  # samples between checkpoint writes
     adapt_block: int | None = None  # uncertain samples adapted at once (vmap); None: blocks on CUDA only
-    max_memory: int | None = None  # bytes for one block; None: half the free device memory
+    max_memory: int | None = None  # bytes for one block; None: a share of the free device memory (BlockSizer)
     autocast: str | None = None  # "bf16": bfloat16 autocast for every forward (CUDA only)
     skip_unreadable: bool = False  # skip (and record) samples whose data cannot be read
 
@@ -260,6 +260,15 @@ def cuda_precision(allow_tf32: bool) -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def autocast(dtype: str | None, device: torch.device) -> AbstractContextManager:
+    """bf16 autocast for every forward, without autocast's weight cache: the engine writes adapted
+    weights in place, and a cached bf16 copy of a parameter would hide the update (every adapted
+    prediction would silently be the source one)."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+
+
 def run(task: Task, method: Method, protocol: Protocol, options: RunOptions | None = None) -> RunResult:
     """Apply the protocol to every sample of `task` (DESIGN §2), summarise per learning rate,
     save to `options.out` and log to MLflow.
@@ -285,8 +294,7 @@ def run(task: Task, method: Method, protocol: Protocol, options: RunOptions | No
         except TrackingUnavailable as err:
             out = out or default_out(task, method)
             _warn_untracked(str(err), out, options)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if options.autocast else nullcontext()
-    with cuda_precision(options.tf32), autocast:
+    with cuda_precision(options.tf32), autocast(options.autocast, device):
         result = _run(task, method, protocol, options, device)
     if result.interrupted and result.rows.empty:  # stopped before the first sample: nothing to keep
         return result
@@ -328,7 +336,7 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
     options = replace(options, batch_size=options.batch_size or BATCH_SIZE.get(device.type, 1))
     model = task.load_model().to(device).eval()
     adapter = Adapter(model, method, task.class_logits, protocol, task.augmenter()) if method.adapts else None
-    block, blocks = _block_adapter(adapter, model, method, task, protocol, options, device)
+    block, blocks, sizer = _block_adapter(adapter, model, method, task, protocol, options, device)
     recorder = Recorder(protocol.lrs)
     threshold = method.gate_threshold(protocol.threshold)
     fingerprint = _fingerprint(task, method, protocol, options)
@@ -358,7 +366,7 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
         results = []
         if adapter is not None and gated and blocks is not None:
             try:
-                results, block, halved = adapt_in_blocks(blocks, torch.cat([s.inputs for s in gated]), block)
+                results, block, halved = adapt_in_blocks(blocks, torch.cat([s.inputs for s in gated]), block, sizer)
                 halvings += halved
             except RuntimeError as err:  # an op vmap cannot batch: this model adapts one at a time
                 fallback = str(err).strip().splitlines()[0][:200]
@@ -420,10 +428,12 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
         "options": asdict(options),
         "sweep": "one-gradient" if (adapter.one_gradient if adapter else protocol.one_gradient) else "per-lr",
         "gate_threshold": threshold,
-        "adaptation": (f"blocks of {block} (torch.func.vmap)" if blocks else
+        "adaptation": (f"blocks of {block} (torch.func.vmap{_sized(sizer)})" if blocks else
                        f"one sample at a time (blocks failed: {fallback})" if fallback else "one sample at a time")
-                      + (f", halved from {first_block} after {halvings} out-of-memory error(s)" if halvings else ""),
+                      + (f", halved from {sizer.block() if sizer and sizer.per_sample else first_block} after "
+                         f"{halvings} out-of-memory error(s)" if halvings else ""),
         "out_of_memory_halvings": halvings,
+        "block_memory": sizer.record() if sizer else None,
         "adapted_parameters": sum(p.numel() for p in adapter.params) if adapter else 0,
         "adapted_parameter_names": _names(adapter, model),
     }
@@ -432,15 +442,21 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
     return RunResult(rows, summarize(rows, wall) if len(rows) else [], config, metadata, interrupted)
 
 
-def adapt_in_blocks(blocks: BlockAdapter, inputs: torch.Tensor, size: int) -> tuple[list[Adaptation], int, int]:
+def adapt_in_blocks(blocks: BlockAdapter, inputs: torch.Tensor, size: int, sizer: BlockSizer | None = None
+                    ) -> tuple[list[Adaptation], int, int]:
     """Adapt `inputs` in blocks of `size`; a block that runs out of memory is halved and retried,
-    down to one sample. Returns the adaptations, the block size that fitted and the halvings."""
+    down to one sample. A sizer that has not measured yet measures the first block and sets the
+    size of the rest. Returns the adaptations, the block size that fitted and the halvings."""
     results: list[Adaptation] = []
     halvings = 0
     while len(results) < len(inputs):
         start, out_of_memory = len(results), False
         try:
-            results += blocks.adapt(inputs[start:start + size])
+            if sizer is not None and sizer.per_sample is None:
+                done, size = sizer.measure(blocks.adapt, inputs[start:start + size])
+                results += done
+            else:
+                results += blocks.adapt(inputs[start:start + size])
         except torch.OutOfMemoryError:
             if size == 1:
                 raise TTAError("out of memory adapting a single sample; free GPU memory, use a smaller "
@@ -455,20 +471,29 @@ def adapt_in_blocks(blocks: BlockAdapter, inputs: torch.Tensor, size: int) -> tu
 
 
 def _block_adapter(adapter: Adapter | None, model: torch.nn.Module, method: Method, task: Task,
-                   protocol: Protocol, options: RunOptions, device: torch.device) -> tuple[int, BlockAdapter | None]:
-    """Samples adapted at once, and the block adapter when that is more than one: by default
-    blocks on CUDA (faster there), one at a time on CPU (faster there). An explicit
-    adapt_block > 1 that cannot work was refused by `run` before any work."""
+                   protocol: Protocol, options: RunOptions, device: torch.device
+                   ) -> tuple[int, BlockAdapter | None, BlockSizer | None]:
+    """Samples adapted at once, the block adapter when that is more than one, and the sizer that
+    sets the block from measured memory (CUDA, no --adapt-block). By default blocks on CUDA
+    (faster there), one at a time on CPU (faster there). An explicit adapt_block > 1 that cannot
+    work was refused by `run` before any work."""
     if adapter is None:
-        return 1, None
-    want = options.adapt_block
+        return 1, None, None
+    want, sizer = options.adapt_block, None
     if want is None:
         if device.type != "cuda" or _why_no_blocks(method, protocol, task):
-            return 1, None
-        want = block_size(sum(p.numel() for p in adapter.params), device, options.max_memory)
+            return 1, None, None
+        want, sizer = PROBE_BLOCK, BlockSizer(device, options.max_memory)
     if want <= 1:
-        return 1, None
-    return want, BlockAdapter(model, method, task.class_logits, protocol, adapter.param_names)
+        return 1, None, None
+    return want, BlockAdapter(model, method, task.class_logits, protocol, adapter.param_names), sizer
+
+
+def _sized(sizer: BlockSizer | None) -> str:
+    if sizer is None or sizer.per_sample is None:
+        return ""
+    return (f"; sized from a first block of {PROBE_BLOCK}: {sizer.per_sample / 2**20:.1f} MiB per sample, "
+            f"budget {sizer.budget / 2**30:.1f} GiB")
 
 
 def _why_no_blocks(method: Method, protocol: Protocol, task: Task) -> str | None:
