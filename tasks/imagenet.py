@@ -1,26 +1,39 @@
-"""ImageNet-1k validation on any torchvision classification model (IMAGENET1K_V1 weights)."""
+"""ImageNet-1k validation on any torchvision classification model (IMAGENET1K_V1 weights), clean or
+corrupted: `corruption` reads the released ImageNet-C (DIR/<corruption>/<severity>/<wnid>/*.JPEG,
+224 px images: only normalised) or, given plain val (DIR/<wnid>/*.JPEG), corrupts on the fly
+(resize 256, center crop 224, tasks.corruptions.corrupt_imagenet seeded by the sample index)."""
 from __future__ import annotations
 
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 import torchvision
 from PIL import Image
 from torch import Tensor, nn
+from torchvision.transforms.v2 import functional as TF
 
 from tta_bench.errors import TTAError
 from tta_bench.hparams import HParam
 from tta_bench.task import Sample, Task, UnreadableSample
 
 from .augment import augmix_views
+from .cifar10 import RELEASED, corruption_choices, release_name
 
 DATA_ENV = "TTA_BENCH_IMAGENET_DIR"
 SYNSETS_FILE = Path(__file__).parent / "data" / "imagenet_synsets.txt"
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+C_SIZE, C_RESIZE = 224, 256  # ImageNet-C: val resized to 256, center-cropped to 224, corrupted, saved as JPEG
+
+
+class ToCorrupt(NamedTuple):
+    """A plain val image to corrupt on the fly, with the seed of its noise (the sample index)."""
+    path: Path
+    seed: int
 
 
 def synsets() -> list[str]:
@@ -31,11 +44,16 @@ def synsets() -> list[str]:
 class ImageNet(Task):
     name = "imagenet"
     kind = "image"
-    description = "ImageNet-1k validation (folder per synset) on a torchvision model"
+    description = ("ImageNet-1k validation (folder per synset) on a torchvision model; ImageNet-C read from the "
+                   "release or generated from val")
     options = {
         "model": HParam("resnet50", str, "torchvision classification model (tta-bench list models)"),
         "weights": HParam("IMAGENET1K_V1", str, "torchvision weights name, or none for random weights"),
-        "data_dir": HParam(None, str, f"ImageNet val folder (or set ${DATA_ENV})", nullable=True),
+        "data_dir": HParam(None, str, f"ImageNet val folder (or set ${DATA_ENV}), or an ImageNet-C release "
+                           "folder (DIR/<corruption>/<severity>/<wnid>/*.JPEG)", nullable=True),
+        "corruption": HParam("none", str, "ImageNet-C corruption: read from the release, or generated from val",
+                             choices=corruption_choices()),
+        "severity": HParam(3, int, "corruption severity 1..5", choices=(1, 2, 3, 4, 5)),
     }
 
     @classmethod
@@ -80,12 +98,35 @@ class ImageNet(Task):
         return path
 
     @cached_property
+    def source(self) -> tuple[str, Path]:
+        """(kind, folder of synset folders): kind is val (clean), release (ImageNet-C) or generated
+        (val corrupted on the fly), chosen by what the data folder holds."""
+        root = self.data_dir
+        if self.opts.corruption == "none":
+            return "val", root
+        name, severity = release_name(self.opts.corruption), self.opts.severity
+        for release in (root / name / str(severity), root / str(severity), root):  # also DIR = .../<c> or .../<c>/<s>
+            if release.is_dir() and (release.parent.name, release.name) == (name, str(severity)):
+                return "release", release
+        if (root / name).is_dir():
+            raise TTAError(f"ImageNet-C folder {root / name} has no severity folder {severity}; expected "
+                           f"{root / name}/{severity}/<wnid>/*.JPEG")
+        wnids = set(synsets())
+        if any(p.is_dir() and p.name in wnids for p in root.iterdir()):
+            return "generated", root
+        raise TTAError(f"--data-dir {root} is neither an ImageNet-C release ({root}/{name}/{severity}/<wnid>/*.JPEG) "
+                       f"nor ImageNet val to corrupt on the fly ({root}/<wnid>/*.JPEG)")
+
+    @cached_property
     def files(self) -> list[tuple[Path, int]]:
         """(image, class index) in a fixed order: synsets in class order, files sorted by name."""
         index = {wnid: i for i, wnid in enumerate(synsets())}
-        root = self.data_dir
+        root = self.source[1]
         folders = sorted(p for p in root.iterdir() if p.is_dir())
         unknown = [p.name for p in folders if p.name not in index]
+        if unknown and self.opts.corruption == "none" and set(unknown) <= set(RELEASED):
+            raise TTAError(f"{root} looks like an ImageNet-C release (folders {', '.join(unknown[:3])}, ...): pass "
+                           "--corruption NAME --severity 1..5, or --data-dir the clean validation folder")
         if unknown:
             raise TTAError(f"{root} has folders that are not ImageNet-1k synsets: {', '.join(unknown[:5])}"
                            " (expected the validation layout: one folder per WordNet id, e.g. n01440764)")
@@ -97,6 +138,13 @@ class ImageNet(Task):
 
     def check(self) -> None:
         _ = self._weights_enum, self.weights, self.files  # each raises a TTAError saying what is wrong
+        if self.source[0] == "generated":
+            from . import corruptions
+
+            if not hasattr(corruptions, "corrupt_imagenet"):
+                raise TTAError("corrupting ImageNet val on the fly needs tasks.corruptions.corrupt_imagenet, which "
+                               "this version lacks; pass an ImageNet-C release as --data-dir "
+                               "(DIR/<corruption>/<severity>/<wnid>/*.JPEG)")
 
     def load_model(self) -> nn.Module:
         name, weights = self.opts.model, self.weights
@@ -109,8 +157,9 @@ class ImageNet(Task):
                            ", or pass --weights none for random weights") from None
 
     def samples(self) -> Iterator[Sample]:
+        generated = self.source[0] == "generated"
         for i, (path, label) in enumerate(self.files):
-            yield Sample(i, path, label)
+            yield Sample(i, ToCorrupt(path, i) if generated else path, label)
 
     def num_samples(self) -> int:
         return len(self.files)
@@ -118,21 +167,50 @@ class ImageNet(Task):
     def num_classes(self) -> int:
         return len(synsets())
 
-    def collate(self, raws: list[Path]) -> Tensor:
+    def collate(self, raws: list[Path | ToCorrupt]) -> Tensor:
         images = []
-        for position, path in enumerate(raws):
+        for position, raw in enumerate(raws):
+            path = raw.path if isinstance(raw, ToCorrupt) else raw
             try:
                 with Image.open(path) as img:
-                    images.append(self.transforms(img.convert("RGB")))
+                    images.append(self._preprocess(img.convert("RGB"), raw))
             except (OSError, ValueError, Image.DecompressionBombError) as err:  # corrupt, truncated, …
                 raise UnreadableSample(position, str(path), str(err) or type(err).__name__) from None
         return torch.stack(images)
+
+    def _preprocess(self, img: Image.Image, raw: Path | ToCorrupt) -> Tensor:
+        kind = self.source[0]
+        if kind == "val":
+            return self.transforms(img)
+        if kind == "release":  # already resized, cropped and corrupted: only normalise
+            if img.size != (C_SIZE, C_SIZE):
+                raise ValueError(f"is {img.size[0]}x{img.size[1]} px; ImageNet-C images are {C_SIZE}x{C_SIZE}")
+            return self._normalise(np.array(img))
+        from .corruptions import corrupt_imagenet
+
+        img = TF.center_crop(TF.resize(img, [C_RESIZE], interpolation=TF.InterpolationMode.BILINEAR), [C_SIZE])
+        out = corrupt_imagenet(np.array(img), release_name(self.opts.corruption), self.opts.severity, seed=raw.seed)
+        return self._normalise(np.array(out, dtype=np.uint8))
+
+    def _normalise(self, pixels: np.ndarray) -> Tensor:
+        """uint8 [H, W, 3] -> float [3, H, W] normalised as the weights expect (no resize, no crop)."""
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float() / 255
+        return TF.normalize(x, list(self.transforms.mean), list(self.transforms.std))
 
     def augmenter(self):
         mean, std = torch.tensor(self.transforms.mean), torch.tensor(self.transforms.std)
         return augmix_views(255.0 * std, 255.0 * mean)
 
     def metadata(self) -> dict:
+        kind, folder = self.source
+        preprocessing = {
+            "val": repr(self.transforms),
+            "release": f"ImageNet-C {C_SIZE} px JPEG, only normalised (mean {self.transforms.mean}, "
+                       f"std {self.transforms.std})",
+            "generated": f"resize {C_RESIZE}, center crop {C_SIZE}, corrupt_imagenet(seed=sample index), "
+                         f"normalised (mean {self.transforms.mean}, std {self.transforms.std})"}[kind]
         return {"model": self.opts.model, "weights": self.opts.weights, "data_dir": str(self.data_dir),
-                "n_images": len(self.files), "transforms": repr(self.transforms),
+                "images_dir": str(folder), "n_images": len(self.files), "transforms": preprocessing,
+                "corruption": self.opts.corruption, "severity": self.opts.severity,
+                "corruption_source": {"val": "none", "release": "release", "generated": "generated"}[kind],
                 "torchvision": torchvision.__version__}

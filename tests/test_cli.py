@@ -29,7 +29,7 @@ def run_cli(capsys, *argv):
     (["run", "--threshold", "2"], "threshold must be in (0, 1]"),
     (["run", "--steps", "0"], "steps must be >= 1"),
     (["run", "--limit", "0"], "limit must be >= 1"),
-    (["run", "--data-dir", "/tmp"], "task cifar10 has no option data_dir"),
+    (["run", "--data-dir", "/tmp"], "which has no clean images: pass --corruption NAME"),
     (["run", "--device", "cuda:0"], "CUDA is not available"),
     (["run", "--autocast", "bf16", "--device", "cpu"], "bf16 autocast is a CUDA option"),
     (["run", "--adapt-block", "0"], "adapt block must be >= 1"),

@@ -141,6 +141,10 @@ def test_cifar10_corruptions_are_deterministic_and_graded():
         assert first[0].dtype == torch.uint8 and first[0].shape == (32, 32, 3)
         assert torch.equal(first[0], again), name  # the same image in every run
         change = [(x.float() - clean).abs().mean().item() for x in first]
-        assert 0 < change[0] < change[1], (name, change)  # severity 5 departs further than 1
-    with pytest.raises(TTAError, match="corruption='fog' is not allowed; choose one of: none, gaussian_noise"):
-        Cifar10(corruption="fog")
+        assert change[0] > 0 and change[1] > 0, (name, change)
+        # CIFAR-10-C's own parameters are not graded for these two: elastic_transform's affine
+        # jitter shrinks with severity; frost darkens the image as it adds frost
+        if name not in ("elastic_transform", "frost"):
+            assert change[0] < change[1], (name, change)  # severity 5 departs further than 1
+    with pytest.raises(TTAError, match="corruption='fogg' is not allowed; choose one of: none, gaussian_noise"):
+        Cifar10(corruption="fogg")
