@@ -1,7 +1,9 @@
 #!/bin/bash
-# Regenerate leaderboard/ from the runs of sweeps/embedded.toml (offline, CPU), logged to one store.
+# Regenerate leaderboard/ from the runs of sweeps/corruptions.toml (the image corruption benchmark)
+# and sweeps/embedded.toml (text, multiple choice), offline on CPU, logged to one store.
 # Resumable: finished jobs are skipped, interrupted ones resume (see sweeps/README.md).
-# Cost on this kind of 2-core machine: about 50 min for the image jobs, hours for text and MC.
+# Cost on this kind of 2-core machine: about 3 h for the 630 image jobs with WORKERS=2 (measured
+# per job, see leaderboard/README.md), hours more for text and MC.
 #   bash leaderboard/regenerate.sh
 #   WORKERS=2 bash leaderboard/regenerate.sh
 set -euo pipefail
@@ -9,6 +11,8 @@ cd "$(dirname "$0")/.."
 STORE=${STORE:-sqlite:///$PWD/leaderboard-runs/mlflow.db}
 mkdir -p leaderboard-runs
 export TTA_BENCH_OFFLINE=1
-tta-bench sweep sweeps/embedded.toml --workers "${WORKERS:-1}" --state leaderboard-runs/state \
-  --tracking-uri "$STORE" || echo "some jobs did not finish (listed above); building from the others"
+for spec in sweeps/corruptions.toml sweeps/embedded.toml; do
+  tta-bench sweep "$spec" --workers "${WORKERS:-1}" --state leaderboard-runs/state \
+    --tracking-uri "$STORE" || echo "some jobs of $spec did not finish (listed above); building from the others"
+done
 tta-bench leaderboard --tracking-uri "$STORE" --out leaderboard

@@ -30,7 +30,6 @@ from .corruptions import ALIASES, CORRUPTIONS, canonical
 DATA_FILE = Path(__file__).parent / "data" / "cifar10-test.npz"
 IMAGE_SIZE = 224  # of the default model, EfficientNet-Lite0 (each zoo model has its own: zoo.resolution)
 SEVERITIES = 5
-CHUNK = 1000  # images corrupted (or cached) at once, in sample order
 RELEASED = CORRUPTIONS  # CIFAR-10-C / ImageNet-C file and folder names are the canonical names
 
 
@@ -196,7 +195,10 @@ class Cifar10(Task):
         images, labels, start = self.data()
         generated = self.opts.corruption != "none" and self.release is None
         order = balanced_order(labels, len(self.classes))
-        for chunk in np.array_split(order, range(CHUNK, len(order), CHUNK)):  # generated a chunk at a time
+        bounds = [0]
+        while bounds[-1] < len(order):  # chunks of 32, 64, … 2048: a short run corrupts few images
+            bounds.append(min(len(order), bounds[-1] + min(2048, 32 << (len(bounds) - 1))))
+        for chunk in (order[a:b] for a, b in zip(bounds, bounds[1:])):
             if generated:  # cached on disk: corrupted once per (images, corruption, severity)
                 from .corruptions import corrupted_images
 

@@ -172,3 +172,42 @@ def test_per_model_and_per_shift_tables(store, tmp_path):
             assert table.loc[name, "mean"] == pytest.approx(_deltas(results, name).mean())
     md = (tmp_path / "LEADERBOARD.md").read_text()
     assert "Methods × model: mean Δacc" in md and "### by_shift" in md
+
+
+def test_corruption_tables_are_split_by_severity(tmp_path):
+    """With both corruption and severity varying (the corruption benchmark), the per-corruption
+    view is also given one severity at a time, as TTA papers print it."""
+    import tempfile
+
+    import tta_bench
+    from tta_bench import HParam, Protocol, RunOptions
+
+    from conftest import ToyTask
+
+    class Corrupted(ToyTask):
+        options = {"corruption": HParam("none", str, "shift", choices=("none", "noise")),
+                   "severity": HParam(3, int, "its size", choices=(3, 5))}
+
+        def __init__(self, **options):
+            super().__init__(**options)
+            if self.opts.corruption == "noise":
+                self.x = self.x + 0.2 * self.opts.severity * self.x.flip(0)
+
+    uri = f"sqlite:///{tempfile.mkdtemp(prefix='tta-bench-lb-')}/mlflow.db"
+    options = RunOptions(progress=False, tracking_uri=uri, experiment="c")
+    deltas = {}
+    for corruption, severity in (("none", 5), ("noise", 3), ("noise", 5)):
+        for name in ("ifo", "entropy"):
+            r = tta_bench.run(Corrupted(corruption=corruption, severity=severity), tta_bench.get_method(name),
+                              Protocol((2e-2,)), options)
+            deltas[corruption, severity, name] = r.summary[0]["delta_acc"]
+    build(uri, "c", tmp_path, Selection("default"))
+    assert sorted(p.stem for p in (tmp_path / "toy").glob("by_*.csv")) == [
+        "by_corruption", "by_corruption_severity_3", "by_corruption_severity_5", "by_severity"]
+    at5 = _read(tmp_path, "by_corruption_severity_5").set_index("method")
+    at3 = _read(tmp_path, "by_corruption_severity_3").set_index("method")
+    assert list(at3.columns) == ["noise", "mean"] and list(at5.columns) == ["noise", "none", "mean"]
+    for name in ("ifo", "entropy"):
+        assert at5.loc[name, "noise"] == pytest.approx(deltas["noise", 5, name])
+        assert at5.loc[name, "mean"] == pytest.approx((deltas["none", 5, name] + deltas["noise", 5, name]) / 2)
+        assert at3.loc[name, "noise"] == pytest.approx(deltas["noise", 3, name])

@@ -200,10 +200,16 @@ def task_report(task: str, task_runs: pd.DataFrame, main: pd.DataFrame, chosen: 
         f"configurations with Δacc > 0 / < 0; {HEADLINE_P}: one-sided Wilcoxon signed-rank test against the source "
         f"model, Holm-adjusted across the methods; cost: forward/backward passes per uncertain (scored) sample "
         f"as run (a one-gradient sweep over K learning rates includes its K prediction forwards)."), view)}
-    for axis in option_axes(at_lr):
+    axes = option_axes(at_lr)
+    for axis in axes:
         tables[f"by_{axis}"] = Table(axis_table(at_lr, axis, order), (
             f"{head}. Methods × {axis}: mean Δacc (points) over the configurations with that {axis}; "
             f"mean: over all configurations."))
+        if axis != "severity" and "severity" in axes:  # the corruption papers' view: one severity at a time
+            for level, part in at_lr.groupby(at_lr[OPTION + "severity"].astype(str)):
+                tables[f"by_{axis}_severity_{level}"] = Table(axis_table(part, axis, order), (
+                    f"{head}. Methods × {axis} at severity {level}: mean Δacc (points) over the "
+                    f"configurations with that {axis} and severity; mean: over those configurations."))
     tables["configurations"] = Table(configuration_table(at_lr, reference),
                                      f"{head}. Per configuration: Δacc in points (n_fixed/n_broken).")
     by_lr = lr_table(main)
