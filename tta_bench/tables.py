@@ -158,6 +158,9 @@ def axis_table(at_lr: pd.DataFrame, axis: str, order: list[str]) -> pd.DataFrame
 
 
 def _natural(value: str) -> tuple:
+    """Numbers in numeric order, then names; `none` (no shift: the clean data) first of all."""
+    if value == "none":
+        return -1, 0.0, value
     try:
         return 0, float(value), value
     except ValueError:
