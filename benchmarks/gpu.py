@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tta_bench  # noqa: E402
 from naive_vs_engine import measure, print_report  # noqa: E402
 from timing_models import timing_task  # noqa: E402
-from tta_bench.batched import PROBE_BLOCK, BlockAdapter  # noqa: E402
+from tta_bench.batched import PROBE_BLOCK, BlockAdapter, BlockSizer  # noqa: E402
 from tta_bench.engine import LR_GRIDS, Adapter, Protocol  # noqa: E402
 from tta_bench.runner import cuda_precision, resolve_device  # noqa: E402
 
@@ -72,14 +72,11 @@ def memory_model(model: str, device: torch.device, sizes: tuple[int, ...]) -> di
         theta = sum(p.numel() for p in adapter.params)
         per_sample_probe = None
         for b in (PROBE_BLOCK, *sizes):
-            torch.cuda.synchronize(device)
-            base = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
+            sizer = BlockSizer(device, budget=1)  # the engine's own measurement of a block's peak
             try:
                 t0 = time.perf_counter()
-                blocks.adapt(inputs[:b])
-                torch.cuda.synchronize(device)
-                seconds, rise = time.perf_counter() - t0, torch.cuda.max_memory_allocated(device) - base
+                sizer.measure(blocks.adapt, inputs[:b])
+                seconds, rise = time.perf_counter() - t0, sizer.per_sample * b
             except torch.OutOfMemoryError:
                 seconds, rise = None, None
             torch.cuda.empty_cache()
@@ -121,7 +118,13 @@ def main() -> None:
     deadline = time.monotonic() + args.budget
     torch.set_num_threads(1 if args.tiny else 4)
     device = resolve_device(args.device)
-    emit = lambda rec: (args.out.open("a").write(json.dumps(rec, default=str) + "\n"), print(json.dumps(rec, default=str)[:300]))
+
+    def emit(record: dict) -> None:
+        line = json.dumps(record, default=str)
+        with args.out.open("a") as f:
+            f.write(line + "\n")
+        print(line[:300], flush=True)
+
     todo = list(enumerate(sections(args.tiny)))
     if args.only:
         todo = [todo[int(i)] for i in args.only.split(",")]

@@ -7,7 +7,6 @@ reads the released CIFAR-10-C files (DIR/<corruption>.npy, DIR/labels.npy): then
 generated."""
 from __future__ import annotations
 
-import hashlib
 import zipfile
 from functools import cache, cached_property
 from pathlib import Path
@@ -25,24 +24,10 @@ from tta_bench.task import Sample, Task
 from . import zoo
 from .augment import augmix_views
 from .cifar10_groups import CIFAR10_GROUPS
-from .corruptions import ALIASES, CORRUPTIONS, canonical
+from .corruptions import CHOICES, SEVERITIES, CorruptedSet, canonical
+from .lm import file_sha256
 
 DATA_FILE = Path(__file__).parent / "data" / "cifar10-test.npz"
-IMAGE_SIZE = 224  # of the default model, EfficientNet-Lite0 (each zoo model has its own: zoo.resolution)
-SEVERITIES = 5
-RELEASED = CORRUPTIONS  # CIFAR-10-C / ImageNet-C file and folder names are the canonical names
-
-
-def corruption_choices() -> tuple[str, ...]:
-    """none, the corruptions (also the releases' file and folder names), and their aliases."""
-    return ("none", *CORRUPTIONS, *ALIASES)
-
-
-def release_name(name: str) -> str:
-    """The canonical (and released file/folder) name of a corruption: jpeg -> jpeg_compression."""
-    return canonical(name)
-
-
 EXPECTED = "an .npz with `images` uint8 [N, 32, 32, 3] and `labels` int [N] in 0..9"
 
 
@@ -105,7 +90,7 @@ def load_release(folder: Path, name: str, n_classes: int = 10) -> tuple[np.ndarr
     if len(labels) != len(images):
         raise TTAError(f"--data-dir: {files['labels']} has {len(labels)} labels for the {len(images)} rows of "
                        f"{files['images'].name}; expected {RELEASE_EXPECTED}")
-    if not len(images) or len(images) % SEVERITIES:
+    if not len(images) or len(images) % len(SEVERITIES):
         raise TTAError(f"--data-dir: {files['images']} has {len(images)} rows, not 5 severities × N "
                        f"(50,000 in the official release); expected {RELEASE_EXPECTED}")
     labels = np.array(labels)  # small: read it whole
@@ -136,8 +121,8 @@ class Cifar10(Task):
                            "read instead of generating; imagenet: an ImageNet val or ImageNet-C folder",
                            nullable=True),
         "corruption": HParam("none", str, "CIFAR-10-C / ImageNet-C corruption of every image: generated, or "
-                             "read from the release in --data-dir", choices=corruption_choices()),
-        "severity": HParam(3, int, "corruption severity 1..5", choices=(1, 2, 3, 4, 5)),
+                             "read from the release in --data-dir", choices=CHOICES),
+        "severity": HParam(3, int, "corruption severity 1..5", choices=SEVERITIES),
     }
     classes = tuple(CIFAR10_GROUPS)
 
@@ -168,7 +153,7 @@ class Cifar10(Task):
             raise TTAError(f"--data-dir {folder} is read as a CIFAR-10-C release (<corruption>.npy, labels.npy), "
                            "which has no clean images: pass --corruption NAME --severity 1..5, or --data-file "
                            "for clean images")
-        return folder / f"{release_name(self.opts.corruption)}.npy"
+        return folder / f"{canonical(self.opts.corruption)}.npy"
 
     @cached_property
     def resolution(self) -> int:
@@ -180,7 +165,7 @@ class Cifar10(Task):
             images, labels = load_cifar10(self.path)
             return images, labels, 0
         images, labels = load_release(self.release.parent, self.release.stem, len(self.classes))
-        n = len(labels) // SEVERITIES
+        n = len(labels) // len(SEVERITIES)
         start = (self.opts.severity - 1) * n
         return images, labels[start:start + n], start
 
@@ -198,11 +183,10 @@ class Cifar10(Task):
         bounds = [0]
         while bounds[-1] < len(order):  # chunks of 32, 64, … 2048: a short run corrupts few images
             bounds.append(min(len(order), bounds[-1] + min(2048, 32 << (len(bounds) - 1))))
+        corrupted = CorruptedSet(images, canonical(self.opts.corruption), self.opts.severity) if generated else None
         for chunk in (order[a:b] for a, b in zip(bounds, bounds[1:])):
-            if generated:  # cached on disk: corrupted once per (images, corruption, severity)
-                from .corruptions import corrupted_images
-
-                block = corrupted_images(images, release_name(self.opts.corruption), self.opts.severity, chunk)
+            if corrupted is not None:  # cached on disk: corrupted once per (images, corruption, severity)
+                block = corrupted.take(chunk)
             else:
                 block = images[start + chunk]  # a copy: the release is memory-mapped
             for i, image in zip(chunk, block):
@@ -247,10 +231,4 @@ class Cifar10(Task):
         return meta
 
 
-@cache
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+_sha256 = cache(file_sha256)  # the data files' hashes, once per process

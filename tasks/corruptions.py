@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import os
-import tempfile
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -40,6 +38,8 @@ EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 CORRUPTIONS = STANDARD + EXTRA
 ALIASES = {"jpeg": "jpeg_compression"}
 SEVERITIES = (1, 2, 3, 4, 5)
+# A task's --corruption: none, the canonical names (also the releases' file and folder names), aliases
+CHOICES = ("none", *CORRUPTIONS, *ALIASES)
 # Bump whenever a change alters any output pixel: it keys the on-disk cache of corrupted_images().
 CODE_VERSION = "2"
 IMAGENET_C_SAVE_QUALITY = 85  # make_imagenet_c.py stores every corrupted image as a JPEG of this quality
@@ -598,20 +598,15 @@ def _read_cache(path: Path, n: int) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _write_cache(path: Path, images: np.ndarray, done: np.ndarray) -> None:
+    from tta_bench.checkpoint import write_atomically
+
     buffer = io.BytesIO()
     np.savez(buffer, images=images, done=done)
     data = buffer.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
-    for target, payload in ((path, data), (path.with_name(path.name + ".sha256"),
-                                           f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode())):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    write_atomically(path, lambda tmp: tmp.write_bytes(data))
+    write_atomically(path.with_name(path.name + ".sha256"),
+                     lambda tmp: tmp.write_text(f"{hashlib.sha256(data).hexdigest()}  {path.name}\n"))
 
 
 def cache_path(images: np.ndarray, name: str, severity: int) -> Path:
@@ -625,25 +620,41 @@ def cache_path(images: np.ndarray, name: str, severity: int) -> Path:
     return _cache_dir() / f"cifar-{name}-s{severity}-{key.hexdigest()[:32]}.npz"
 
 
+class CorruptedSet:
+    """corrupt(images[i], name, severity, seed=i) on demand, kept under cache_root()/corruptions
+    (checked by sha256, written atomically): the cache file is found and read once, and written
+    again only when `take` had to compute images."""
+
+    def __init__(self, images: np.ndarray, name: str, severity: int):
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+            raise TTAError(f"corrupted_images: expected uint8 images [N, 32, 32, 3], got {images.dtype} "
+                           f"{list(images.shape)}")
+        self.images, self.name, self.severity = images, name, severity
+        self.path = cache_path(images, name, severity)
+        cached = _read_cache(self.path, len(images))
+        self.on_disk = cached is not None
+        store, done = cached if cached is not None else (np.zeros((len(images), 32, 32, 3), np.uint8),
+                                                         np.zeros(len(images), bool))
+        self.store, self.done = store.copy(), done.copy()
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """uint8 [len(indices), 32, 32, 3], computing (and caching) the images not yet done."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self.images)
+        if len(indices) and (indices.min() < 0 or indices.max() >= n):
+            raise TTAError(f"corrupted_images: indices must lie in 0..{n - 1}")
+        missing = np.unique(indices[~self.done[indices]])
+        for i in missing:
+            self.store[i] = _apply(self.images[i], self.name, self.severity, int(i), CIFAR_C)
+            self.done[i] = True
+        if len(missing) or not self.on_disk:
+            _write_cache(self.path, self.store, self.done)
+            self.on_disk = True
+        return self.store[indices]
+
+
 def corrupted_images(images: np.ndarray, name: str, severity: int, indices: np.ndarray) -> np.ndarray:
     """corrupt(images[i], name, severity, seed=i) for every i in `indices`, as uint8 [len(indices), 32,
-    32, 3]; computed once and kept under cache_root()/corruptions (checked by sha256, written atomically)."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
-        raise TTAError(f"corrupted_images: expected uint8 images [N, 32, 32, 3], got {images.dtype} "
-                       f"{list(images.shape)}")
-    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-    n = len(images)
-    if len(indices) and (indices.min() < 0 or indices.max() >= n):
-        raise TTAError(f"corrupted_images: indices must lie in 0..{n - 1}")
-    path = cache_path(images, name, severity)
-    cached = _read_cache(path, n)
-    store, done = cached if cached is not None else (np.zeros((n, 32, 32, 3), np.uint8), np.zeros(n, bool))
-    store, done = store.copy(), done.copy()
-    missing = np.unique(indices[~done[indices]])
-    for i in missing:
-        store[i] = _apply(images[i], name, severity, int(i), CIFAR_C)
-        done[i] = True
-    if len(missing) or cached is None:
-        _write_cache(path, store, done)
-    return store[indices]
+    32, 3]; computed once and kept under cache_root()/corruptions (see CorruptedSet)."""
+    return CorruptedSet(images, name, severity).take(indices)

@@ -22,7 +22,8 @@ from tta_bench.hparams import HParam
 from tta_bench.task import Sample, Task, UnreadableSample
 
 from .augment import augmix_views
-from .cifar10 import RELEASED, corruption_choices, release_name
+from . import corruptions
+from .corruptions import CHOICES, CORRUPTIONS, SEVERITIES, canonical
 
 DATA_ENV = "TTA_BENCH_IMAGENET_DIR"
 SYNSETS_FILE = Path(__file__).parent / "data" / "imagenet_synsets.txt"
@@ -52,8 +53,8 @@ class ImageNet(Task):
         "data_dir": HParam(None, str, f"ImageNet val folder (or set ${DATA_ENV}), or an ImageNet-C release "
                            "folder (DIR/<corruption>/<severity>/<wnid>/*.JPEG)", nullable=True),
         "corruption": HParam("none", str, "ImageNet-C corruption: read from the release, or generated from val",
-                             choices=corruption_choices()),
-        "severity": HParam(3, int, "corruption severity 1..5", choices=(1, 2, 3, 4, 5)),
+                             choices=CHOICES),
+        "severity": HParam(3, int, "corruption severity 1..5", choices=SEVERITIES),
     }
 
     @classmethod
@@ -104,7 +105,7 @@ class ImageNet(Task):
         root = self.data_dir
         if self.opts.corruption == "none":
             return "val", root
-        name, severity = release_name(self.opts.corruption), self.opts.severity
+        name, severity = canonical(self.opts.corruption), self.opts.severity
         for release in (root / name / str(severity), root / str(severity), root):  # also DIR = .../<c> or .../<c>/<s>
             if release.is_dir() and (release.parent.name, release.name) == (name, str(severity)):
                 return "release", release
@@ -124,7 +125,7 @@ class ImageNet(Task):
         root = self.source[1]
         folders = sorted(p for p in root.iterdir() if p.is_dir())
         unknown = [p.name for p in folders if p.name not in index]
-        if unknown and self.opts.corruption == "none" and set(unknown) <= set(RELEASED):
+        if unknown and self.opts.corruption == "none" and set(unknown) <= set(CORRUPTIONS):
             raise TTAError(f"{root} looks like an ImageNet-C release (folders {', '.join(unknown[:3])}, ...): pass "
                            "--corruption NAME --severity 1..5, or --data-dir the clean validation folder")
         if unknown:
@@ -138,13 +139,6 @@ class ImageNet(Task):
 
     def check(self) -> None:
         _ = self._weights_enum, self.weights, self.files  # each raises a TTAError saying what is wrong
-        if self.source[0] == "generated":
-            from . import corruptions
-
-            if not hasattr(corruptions, "corrupt_imagenet"):
-                raise TTAError("corrupting ImageNet val on the fly needs tasks.corruptions.corrupt_imagenet, which "
-                               "this version lacks; pass an ImageNet-C release as --data-dir "
-                               "(DIR/<corruption>/<severity>/<wnid>/*.JPEG)")
 
     def load_model(self) -> nn.Module:
         name, weights = self.opts.model, self.weights
@@ -186,10 +180,8 @@ class ImageNet(Task):
             if img.size != (C_SIZE, C_SIZE):
                 raise ValueError(f"is {img.size[0]}x{img.size[1]} px; ImageNet-C images are {C_SIZE}x{C_SIZE}")
             return self._normalise(np.array(img))
-        from .corruptions import corrupt_imagenet
-
         img = TF.center_crop(TF.resize(img, [C_RESIZE], interpolation=TF.InterpolationMode.BILINEAR), [C_SIZE])
-        out = corrupt_imagenet(np.array(img), release_name(self.opts.corruption), self.opts.severity, seed=raw.seed)
+        out = corruptions.corrupt_imagenet(np.array(img), canonical(self.opts.corruption), self.opts.severity, seed=raw.seed)
         return self._normalise(np.array(out, dtype=np.uint8))
 
     def _normalise(self, pixels: np.ndarray) -> Tensor:

@@ -39,7 +39,8 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tta-bench"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in blocks (model weights, data releases)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -63,7 +64,7 @@ def _cache_is_valid(folder: Path, source_sha: str) -> bool:
         manifest = json.loads((folder / MANIFEST).read_text())
         weights = folder / "model.safetensors"
         return (manifest["source_sha256"] == source_sha and weights.stat().st_size == manifest["size"]
-                and _sha256(weights) == manifest["sha256"])
+                and file_sha256(weights) == manifest["sha256"])
     except (OSError, ValueError, KeyError):
         return False
 
@@ -85,7 +86,7 @@ def _build_cache(gguf: Path, folder: Path, source_sha: str) -> None:
     save_model(model, str(tmp / "model.safetensors"))
     weights = tmp / "model.safetensors"
     (tmp / MANIFEST).write_text(json.dumps({"source": str(gguf), "source_sha256": source_sha,
-                                            "sha256": _sha256(weights), "size": weights.stat().st_size}))
+                                            "sha256": file_sha256(weights), "size": weights.stat().st_size}))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
@@ -93,7 +94,7 @@ def _build_cache(gguf: Path, folder: Path, source_sha: str) -> None:
 def embedded_folder() -> Path:
     """The cached safetensors copy of the embedded model, (re)built if missing or corrupt."""
     gguf = embedded_gguf()
-    source_sha = _sha256(gguf)
+    source_sha = file_sha256(gguf)
     folder = cache_root() / "models" / f"{EMBEDDED}-{source_sha[:12]}"
     if not _cache_is_valid(folder, source_sha):
         _build_cache(gguf, folder, source_sha)

@@ -136,5 +136,12 @@ class BlockSizer:
         return max(1, min(MAX_BLOCK, int(self.budget // self.per_sample)))
 
     def record(self) -> dict:
-        return {"budget_bytes": self.budget, "base_bytes": self.base, "probe_samples": PROBE_BLOCK, "bytes_per_sample": self.per_sample,
-                "block": self.block() if self.per_sample else None}
+        return {"budget_bytes": self.budget, "base_bytes": self.base, "probe_samples": PROBE_BLOCK,
+                "bytes_per_sample": self.per_sample, "block": self.block() if self.per_sample else None}
+
+    def describe(self) -> str:
+        """How the block was sized, for run.json's `adaptation` ("" before the probe)."""
+        if self.per_sample is None:
+            return ""
+        return (f"; sized from a first block of {PROBE_BLOCK}: {self.per_sample / 2**20:.1f} MiB per sample, "
+                f"budget {self.budget / 2**30:.1f} GiB")

@@ -428,7 +428,7 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
         "options": asdict(options),
         "sweep": "one-gradient" if (adapter.one_gradient if adapter else protocol.one_gradient) else "per-lr",
         "gate_threshold": threshold,
-        "adaptation": (f"blocks of {block} (torch.func.vmap{_sized(sizer)})" if blocks else
+        "adaptation": (f"blocks of {block} (torch.func.vmap{sizer.describe() if sizer else ''})" if blocks else
                        f"one sample at a time (blocks failed: {fallback})" if fallback else "one sample at a time")
                       + (f", halved from {sizer.block() if sizer and sizer.per_sample else first_block} after "
                          f"{halvings} out-of-memory error(s)" if halvings else ""),
@@ -487,13 +487,6 @@ def _block_adapter(adapter: Adapter | None, model: torch.nn.Module, method: Meth
     if want <= 1:
         return 1, None, None
     return want, BlockAdapter(model, method, task.class_logits, protocol, adapter.param_names), sizer
-
-
-def _sized(sizer: BlockSizer | None) -> str:
-    if sizer is None or sizer.per_sample is None:
-        return ""
-    return (f"; sized from a first block of {PROBE_BLOCK}: {sizer.per_sample / 2**20:.1f} MiB per sample, "
-            f"budget {sizer.budget / 2**30:.1f} GiB")
 
 
 def _why_no_blocks(method: Method, protocol: Protocol, task: Task) -> str | None:
