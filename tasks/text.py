@@ -8,9 +8,10 @@ import gzip
 import hashlib
 import itertools
 import json
+import math
 import sysconfig
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +20,7 @@ from tta_bench.errors import TTAError
 from tta_bench.hparams import HParam
 from tta_bench.task import Sample
 
+from .dataspace import DEFAULT_EMBEDDER, DataSpace, build, hf_embedder, in_data_space, self_embedder, sequences_of
 from .lm import EMBEDDED, LanguageTask, hf_datasets, last_token_logits, offline
 
 SHAKESPEARE = Path(__file__).parent / "data" / "text" / "shakespeare.jsonl.gz"
@@ -159,10 +161,39 @@ def windows(ids: list[int], size: int) -> Iterator[list[int]]:
         yield ids[start:start + size]
 
 
+def token_byte_lengths(tokenizer: Any) -> list[int] | None:
+    """Per token id, the UTF-8 bytes it stands for, exact for byte-level BPE tokenizers (GPT-2,
+    Llama 3, Qwen, SmolLM, StableLM: a token's symbols are its bytes; added tokens: their text);
+    None for the others."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if type(getattr(backend, "decoder", None)).__name__ != "ByteLevel":
+        return None
+    from tokenizers.pre_tokenizers import ByteLevel
+    alphabet = set(ByteLevel.alphabet())  # the 256 symbols of the byte-level alphabet, one per byte
+    added = {i: len(t.content.encode()) for i, t in tokenizer.added_tokens_decoder.items()}
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return [added[i] if i in added else len(p) if set(p) <= alphabet else len(p.encode())
+            for i, p in enumerate(piece or "" for piece in pieces)]
+
+
+def covered_bytes(tokenizer: Any, window: list[int], lengths: list[int] | None = None) -> int:
+    """UTF-8 bytes that a window's predicted tokens (2..n) stand for: the sum of their byte
+    `lengths` (token_byte_lengths) where known, else the window's decoded text minus its first
+    token's (decoding tokens 2..n alone would drop a SentencePiece leading space), which is a few
+    bytes off where a character straddles the window's first or last token boundary."""
+    if lengths is not None:
+        return sum(lengths[t] for t in window[1:])
+    def text(ids: list[int]) -> str:
+        return tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+    return len(text(window).encode()) - len(text(window[:1]).encode())
+
+
 class Text(LanguageTask):
     name = "text"
     kind = "text"
     description = "next-token prediction on 128-token windows (Pile-style) with a causal LM"
+    _data_space: DataSpace | None = None
+    metrics = ("bpb",)  # bits per byte of the window (DESIGN §2), at θ0 and after adaptation
     options = {
         **LanguageTask.options,
         "corpus": HParam("shakespeare", str, "shakespeare | python-stdlib | licenses | "
@@ -173,6 +204,20 @@ class Text(LanguageTask):
         "split": HParam("train", str, "hub dataset split"),
         "window": HParam(128, int, "tokens per window (input = window − 1)", check=lambda n: n >= 2,
                          check_msg="must be >= 2"),
+        # the data space of the retrieval methods (nn, nn-f, sift, random); tasks/dataspace.py
+        "data_space": HParam(None, str, "split (the corpus's documents divided by a hash of their id into "
+                             "data space and test windows) | another corpus name or hub id | files (.txt, "
+                             ".jsonl, ...); retrieval methods need it, every method then sees the same windows",
+                             nullable=True),
+        "data_space_fraction": HParam(0.5, float, "share of the documents in the data space with --data-space split",
+                                      check=lambda f: 0 < f < 1, check_msg="must be in (0, 1)"),
+        "data_space_size": HParam(None, int, "at most this many data-space sequences (the first ones)",
+                                  nullable=True, check=lambda n: n >= 1, check_msg="must be >= 1"),
+        "seq_len": HParam(128, int, "tokens per data-space sequence", check=lambda n: n >= 2,
+                          check_msg="must be >= 2"),
+        "embedding_model": HParam(DEFAULT_EMBEDDER, str, f"embedder of the data space: {DEFAULT_EMBEDDER} "
+                                  "(offline, PyPI) | self (the LM's mean-pooled last hidden state) | any HF "
+                                  "encoder id or folder"),
     }
 
     @classmethod
@@ -185,40 +230,91 @@ class Text(LanguageTask):
         return list(EMBEDDED_CORPORA) + [f"{k} ({v[0]})" for k, v in HUB_CORPORA.items()]
 
     def documents(self) -> Iterator[tuple[str, str]]:
+        """The corpus's documents (with --data-space split: all of them, test and data space)."""
         o = self.opts
         if o.data_files:
             return local_files(o.data_files.split(","), o.text_field or "text")
-        if o.corpus == "shakespeare":
+        return self._corpus(o.corpus)
+
+    def _corpus(self, corpus: str) -> Iterator[tuple[str, str]]:
+        o = self.opts
+        if corpus == "shakespeare":
             return shakespeare()
-        if o.corpus == "python-stdlib":
+        if corpus == "python-stdlib":
             return python_stdlib()
-        if o.corpus == "licenses":
+        if corpus == "licenses":
             return licenses()
-        dataset_id, config, field = HUB_CORPORA.get(o.corpus, (o.corpus, None, "text"))
+        dataset_id, config, field = HUB_CORPORA.get(corpus, (corpus, None, "text"))
         if "/" not in dataset_id:
-            raise TTAError(f"unknown corpus {o.corpus!r}; choose one of: {', '.join(self.corpora())}, "
+            raise TTAError(f"unknown corpus {corpus!r}; choose one of: {', '.join(self.corpora())}, "
                            "a hub dataset id (owner/name), or --data-files")
         return hub_corpus(dataset_id, o.corpus_config or config, o.text_field or field, o.split)
 
+    def _split(self) -> bool:
+        return self.opts.data_space == "split"
+
+    def data_space_documents(self) -> Iterator[tuple[str, str]]:
+        """The data space's documents: the corpus's held-out part (split), or another corpus."""
+        space = self.opts.data_space
+        if self._split():
+            return ((n, t) for n, t in self.documents() if in_data_space(n, self.opts.data_space_fraction))
+        if any(part.endswith((".txt", ".jsonl", ".json", ".parquet")) for part in space.split(",")):
+            return local_files(space.split(","), self.opts.text_field or "text")
+        return self._corpus(space)
+
     def check(self) -> None:
         self.documents()  # unknown corpus names fail here, before the model loads
+        if self.opts.data_space is not None:
+            self.data_space_documents()
+
+    def data_space(self) -> DataSpace | None:
+        """Built (or loaded from its cache) on first use, after the model is on its device."""
+        if self.opts.data_space is None:
+            return None
+        if self._data_space is None:
+            o, lm = self.opts, self.lm
+            device = next(lm.model.parameters()).device
+            if o.embedding_model == "self":
+                embedder = self_embedder(lm.model, f"{o.model}:{lm.info.get('source_sha256') or lm.info.get('revision')}")
+            else:
+                embedder = hf_embedder(o.embedding_model, lambda ids: lm.tokenizer.decode(ids.tolist()), device)
+            tokens, offsets = sequences_of(self.data_space_documents(),
+                                           lambda t: lm.tokenizer(t, add_special_tokens=False)["input_ids"],
+                                           o.seq_len, o.data_space_size)
+            self._data_space = build(tokens, offsets, embedder, {"model": o.model, "seq_len": o.seq_len})
+        return self._data_space
 
     def samples(self) -> Iterator[Sample]:
         tokenizer, size, index = self.lm.tokenizer, self.opts.window, 0
+        lengths = token_byte_lengths(tokenizer)  # bytes per token, for bpb
         digest = hashlib.sha256()
         self.n_documents = 0
         for name, text in self.documents():
+            if self._split() and in_data_space(name, self.opts.data_space_fraction):
+                continue  # a data-space document: never a test window
             digest.update(name.encode() + b"\0" + text.encode())
             self.n_documents += 1
             self.corpus_sha256 = digest.hexdigest()
             for w in windows(tokenizer(text, add_special_tokens=False)["input_ids"], size):
-                yield Sample(index, torch.tensor(w[:-1]), w[-1])
+                # extra: the bytes bpb divides by (the label stays out of the inputs, see evaluate)
+                yield Sample(index, torch.tensor(w[:-1]), w[-1], covered_bytes(tokenizer, w, lengths))
                 index += 1
 
     def class_logits(self, model: nn.Module, inputs: Tensor) -> Tensor:
         return last_token_logits(model, inputs)
 
+    def evaluate(self, model: nn.Module, inputs: Tensor, sample: Sample) -> tuple[Tensor, dict[str, float]]:
+        """One forward over the whole window (the inputs, then the label from `sample`, which the
+        methods' losses never see): the class logits are those predicting the label (position −2);
+        bpb = −Σ log2 p(token) over tokens 2..n ÷ the UTF-8 bytes they cover (`sample.extra`)."""
+        window = torch.cat([inputs, inputs.new_tensor([[sample.label]])], dim=1)  # [1, n]
+        logits = model(input_ids=window).logits[0]  # [n, V]: position i predicts token i + 1
+        logp = torch.log_softmax(logits[:-1].float(), dim=-1).gather(-1, window[0, 1:, None])
+        bits = float(-logp.double().sum()) / math.log(2)
+        return logits[-2], {"bpb": bits / sample.extra if sample.extra > 0 else math.nan}
+
     def metadata(self) -> dict:
         return {**self.lm.info, "corpus": self.opts.data_files or self.opts.corpus, "window": self.opts.window,
                 "documents_read": getattr(self, "n_documents", 0),
-                "corpus_sha256": getattr(self, "corpus_sha256", None)}
+                "corpus_sha256": getattr(self, "corpus_sha256", None),
+                "data_space": self._data_space.info if self._data_space is not None else None}

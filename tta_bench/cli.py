@@ -91,7 +91,8 @@ def build_parser() -> Parser:
                    help="none: adapt and score every sample (same as --threshold none)")
     r.add_argument("--steps", type=int, default=1, help="gradient steps per sample (default 1)")
     r.add_argument("--clip", type=_optional(float), default=1.0, help="max gradient norm (default 1.0; none: off)")
-    r.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    r.add_argument("--optimizer", choices=OPTIMIZERS, help="default: the method's (sgd; adam for the "
+                   "retrieval methods nn, nn-f, sift, random)")
     r.add_argument("--momentum", type=float, default=0.0)
     r.add_argument("--weight-decay", type=float, default=0.0)
     r.add_argument("--limit", type=int, help="use only the first N samples")
@@ -180,7 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     task = get_task(args.task, **task_opts)
     lrs = LR_GRIDS[args.lr_grid] if args.lr_grid else (args.lr or [method.default_lr])
     protocol = Protocol(lrs=tuple(lrs), threshold=None if args.gate == "none" else args.threshold,
-                        steps=args.steps, clip=args.clip, optimizer=args.optimizer,
+                        steps=args.steps, clip=args.clip, optimizer=args.optimizer or method.default_optimizer,
                         momentum=args.momentum, weight_decay=args.weight_decay)
     out = args.out or default_out(task, method)
     if (out / "run.json").exists() and not args.overwrite:

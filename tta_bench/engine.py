@@ -3,8 +3,9 @@ clipping, prediction, timing and recording for every method."""
 from __future__ import annotations
 
 import math
+from time import perf_counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -61,17 +62,28 @@ class Protocol:
         return torch.optim.SGD(params, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
 
+# (model, inputs of one sample) -> its class logits [C] and the task's per-sample metrics
+# (the runner binds Task.evaluate to the sample being adapted)
+Evaluate = Callable[[nn.Module, Any], tuple[Tensor, dict[str, float]]]
+
+
 @dataclass
 class Adaptation:
     """One sample's adaptation: adapted class logits per learning rate (None: not updated)."""
 
     logits: list[Tensor | None]
+    metrics: list[dict[str, float] | None] | None = None  # per lr, from `evaluate` (None: not evaluated)
     loss: float = float("nan")  # the method's loss at θ0
     grad_norm: float = float("nan")  # before clipping
     updated: bool = False
     nonfinite: bool = False  # non-finite loss or gradient
     forwards: int = 0
     backwards: int = 0
+    select_seconds: float = 0.0  # choosing the inputs to step on (methods with `step_inputs`)
+
+    def __post_init__(self) -> None:
+        if self.metrics is None:
+            self.metrics = [None] * len(self.logits)
 
 
 class Snapshot:
@@ -94,9 +106,14 @@ class Adapter:
     the original flags and weights are back."""
 
     def __init__(self, model: nn.Module, method: Method, class_logits: ClassLogits, protocol: Protocol,
-                 augmenter: Augment | None = None):
+                 augmenter: Augment | None = None, evaluate: Evaluate | None = None, data_space: Any = None):
         self.model, self.method, self.class_logits, self.protocol = model, method, class_logits, protocol
-        self.augmenter = augmenter
+        self.augmenter, self.evaluate = augmenter, evaluate  # evaluate: the prediction forward, if given
+        self.data_space = data_space  # what methods that step on other data select from (Task.data_space)
+        self.selects = method.selects
+        if self.selects and protocol.steps != 1:
+            raise TTAError(f"method {method.name} takes one step on each input it selects (set how many with "
+                           f"its hyperparameters), so --steps must be 1, got {protocol.steps}")
         named = method.parameters(model)
         if not named:
             raise TTAError(f"method {method.name} found no parameters to adapt in this model")
@@ -121,7 +138,7 @@ class Adapter:
 
     @property
     def one_gradient(self) -> bool:
-        return self.protocol.one_gradient and self.method.sweepable
+        return self.protocol.one_gradient and self.method.sweepable and not self.selects
 
     def adapt(self, inputs: Any, index: int = 0) -> Adaptation:
         """Adapt on `inputs` (batch of one; `index` identifies the sample, e.g. to seed its
@@ -134,9 +151,13 @@ class Adapter:
                 p.grad = None
             self.snapshot.restore()
 
-    def _forward(self, inputs: Any) -> Tensor:
+    def _forward(self, inputs: Any) -> tuple[Tensor, dict[str, float] | None]:
+        """The prediction: class logits [C] at the current weights, and the task's per-sample
+        metrics when the adapter was given `evaluate`."""
         with torch.no_grad():
-            return self.class_logits(self.model, inputs)[0]
+            if self.evaluate is not None:
+                return self.evaluate(self.model, inputs)
+            return self.class_logits(self.model, inputs)[0], None
 
     def _backward(self, loss: Tensor) -> float:
         """Gradient of `loss` into .grad, clipped like torch.nn.utils.clip_grad_norm_."""
@@ -174,38 +195,54 @@ class Adapter:
             for k, lr in enumerate(lrs):
                 for p, s, g in zip(live, saved, grads, strict=True):  # p = θ0 − η·g in one pass,
                     torch.add(s, g, alpha=-lr, out=p)  # bitwise what SGD's step computes
-                out.logits[k] = self._forward(inputs)
+                out.logits[k], out.metrics[k] = self._forward(inputs)
                 out.forwards += 1
         return out
 
     def _per_lr(self, inputs: Any, index: int) -> Adaptation:
-        """A full adaptation per learning rate (T steps, momentum, Adam, weight decay, or a
-        method's own update such as SAR's)."""
+        """A full adaptation per learning rate (T steps, momentum, Adam, weight decay, a method's
+        own update such as SAR's, or one step on each input the method selects for the sample)."""
         lrs = self.protocol.lrs
         out = Adaptation(logits=[None] * len(lrs))
+        selected = self._select(inputs, index, out)
         source: Source | None = None
         for k, lr in enumerate(lrs):
             if k:
                 self.snapshot.restore()
-            u = Updater(self, inputs, index, self.protocol.make_optimizer(self.params, lr), source, out)
+            optimizer = self.protocol.make_optimizer(self.params, lr)
+            u = Updater(self, inputs, index, optimizer, source, out)
+            updaters = ([u] * self.protocol.steps if selected is None else  # the steps on the sample,
+                        [Updater(self, x, index, optimizer, None, out) for x in selected])  # or on others
             diverged = False
             try:
-                for _ in range(self.protocol.steps):
-                    if not self.method.update(u):
+                for step_updater in updaters:
+                    if not self.method.update(step_updater):
                         break
                     out.updated = True
             except Diverged:
                 diverged = True
-            source = u.source
+            source = u.source if selected is None else None
             if k == 0 and not out.updated:  # declined or non-finite at θ0: so for every lr
                 out.nonfinite = diverged
                 return out
             if diverged:  # a later step of this lr blew up: only this lr counts as non-finite
-                out.logits[k] = torch.full_like(source.logits, float("nan"))
+                logits = source.logits if source is not None else self._forward(inputs)[0]
+                out.logits[k] = torch.full_like(logits, float("nan"))
             else:
-                out.logits[k] = self._forward(inputs)
+                out.logits[k], out.metrics[k] = self._forward(inputs)
                 out.forwards += 1
         return out
+
+    def _select(self, inputs: Any, index: int, out: Adaptation) -> list[Any] | None:
+        """The inputs the method steps on instead of the sample (once per sample, timed), or None."""
+        if not self.selects:
+            return None
+        t0 = perf_counter()
+        step = Updater(self, inputs, index, None, None, out).step()
+        with torch.no_grad():
+            selected = list(self.method.step_inputs(step))
+        out.select_seconds = perf_counter() - t0
+        return selected
 
 
 class Diverged(Exception):
@@ -240,7 +277,7 @@ class Updater:
             self.out.forwards += 1
         a = self.adapter
         step = Step(a.model, self.inputs, a.class_logits, self.source, count, augmenter=a.augmenter,
-                    index=self.index)
+                    index=self.index, data_space=a.data_space)
         self._first = self._first or step
         return step
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 METRICS = ("delta_acc", "n_fixed", "n_broken", "n_total", "n_uncertain", "frac_uncertain",
            "acc_source", "acc_adapted", "p_mcnemar", "forwards_per_sample", "backwards_per_sample",
-           "samples_per_s")
+           "samples_per_s", "bpb_source", "bpb", "bpb_change_pct", "n_bpb_nan")  # bpb: text tasks only
 PROVENANCE_TAGS = {"parent": "mlflow.parentRunId", "tta-bench": "tta_bench.version", "torch": "version.torch",
                    "commit": "mlflow.source.git.commit"}
 
@@ -199,7 +199,9 @@ def task_report(task: str, task_runs: pd.DataFrame, main: pd.DataFrame, chosen: 
         f"{head}. Mean Δacc (points, on the uncertain samples) with its BCa bootstrap 95% CI; wins/losses: "
         f"configurations with Δacc > 0 / < 0; {HEADLINE_P}: one-sided Wilcoxon signed-rank test against the source "
         f"model, Holm-adjusted across the methods; cost: forward/backward passes per uncertain (scored) sample "
-        f"as run (a one-gradient sweep over K learning rates includes its K prediction forwards)."), view)}
+        f"as run (a one-gradient sweep over K learning rates includes its K prediction forwards)"
+        + ("; bpb (Δ%): mean bits per byte of the uncertain windows after adaptation over the configurations, "
+           "and its mean change from the source model's (%)" if "bpb" in methods else "") + "."), view)}
     axes = option_axes(at_lr)
     for axis in axes:
         tables[f"by_{axis}"] = Table(axis_table(at_lr, axis, order), (

@@ -4,7 +4,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager, nullcontext
 from functools import cached_property
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -54,13 +54,15 @@ Augment = Callable[[Any, int], Any]  # (inputs of one sample, n) -> inputs of n 
 
 class Step:
     """What a method's loss sees for one sample at the current weights: `logits`, `source`,
-    and for methods that need more, `forward(inputs)`, `augment(n)` and the sample's `index`."""
+    and for methods that need more, `forward(inputs)`, `augment(n)`, the sample's `index` and the
+    task's `data_space`."""
 
     def __init__(self, model: nn.Module, inputs: Any, class_logits: ClassLogits,
                  source: Source | None = None, count_forward: Callable[[], None] = lambda: None,
-                 *, augmenter: Augment | None = None, index: int = 0):
+                 *, augmenter: Augment | None = None, index: int = 0, data_space: Any = None):
         self.model, self.inputs, self._source, self.index = model, inputs, source, index
         self._class_logits, self._count_forward, self._augmenter = class_logits, count_forward, augmenter
+        self._data_space = data_space
 
     def forward(self, inputs: Any) -> Tensor:
         """[B, C] class logits of any inputs at the current weights, with gradient."""
@@ -77,6 +79,13 @@ class Step:
             raise TTAError("this method needs augmented views of the input, and the task (or the "
                            "`augment` argument of tta_bench.adapt) provides none")
         return self._augmenter(self.inputs, n)
+
+    @property
+    def data_space(self) -> Any:
+        """The task's data space (e.g. tasks.dataspace.DataSpace), for methods that select from it."""
+        if self._data_space is None:
+            raise TTAError("this method selects data from a data space, and the task provides none")
+        return self._data_space
 
     @cached_property
     def source(self) -> Source:
@@ -101,6 +110,7 @@ class Method:
     description: ClassVar[str] = ""
     hparams: ClassVar[dict[str, HParam]] = {}
     default_lr: ClassVar[float] = 1e-3
+    default_optimizer: ClassVar[str] = "sgd"  # when the run names none
     task_kinds: ClassVar[frozenset[str]] = frozenset({"image", "text", "mc"})
     adapts: ClassVar[bool] = True  # False for the source model `none`
 
@@ -126,6 +136,18 @@ class Method:
         u.backward(loss)
         u.apply()
         return True
+
+    def step_inputs(self, step: Step) -> Sequence[Any]:
+        """Override only for a method that adapts on other inputs than the sample (e.g. data
+        retrieved for it): the inputs of its steps, in order. The engine then takes one step
+        (`update`, with `loss` on a Step of that input) on each, with one optimizer, and predicts
+        the sample. Called once per sample, without gradient; the time it takes is recorded."""
+        raise NotImplementedError
+
+    @property
+    def selects(self) -> bool:
+        """True for a method that steps on inputs it selects (it overrides `step_inputs`)."""
+        return type(self).step_inputs is not Method.step_inputs
 
     # The loss is a pure tensor function of the step (no Python branching on values, no
     # data-dependent shapes): blocks of samples can then be adapted at once with torch.func.vmap.

@@ -53,9 +53,10 @@ class RunResult:
     tracking: str | None = None  # id of its top-level MLflow run, once logged
 
     def table(self, fmt: str = "simple") -> str:
-        data = [[s[k] for k in TABLE_COLUMNS] for s in self.summary]
-        return tabulate(data, headers=list(TABLE_COLUMNS.values()), tablefmt=fmt,
-                        floatfmt=("g", "g", "g", ".3f", ".2f", ".2f", "+.2f", "g", "g", ".3g", "g", ".2f"))
+        columns = {**TABLE_COLUMNS, **({"bpb": "bpb", "bpb_change_pct": "Δbpb %"} if any("bpb" in s for s in self.summary) else {})}
+        data = [[s[k] for k in columns] for s in self.summary]
+        return tabulate(data, headers=list(columns.values()), tablefmt=fmt,
+                        floatfmt=("g", "g", "g", ".3f", ".2f", ".2f", "+.2f", "g", "g", ".3g", "g", ".2f", ".4f", "+.2f"))
 
     def record(self) -> dict:
         return {"config": self.config, "metadata": self.metadata, "summary": self.summary,
@@ -212,13 +213,17 @@ def source_pass(task: Task, model: torch.nn.Module, samples: Iterable[Sample], b
 
 
 class Recorder:
-    """Per-sample rows (DESIGN §2 step 6), one per learning rate, kept as columns."""
+    """Per-sample rows (DESIGN §2 step 6), one per learning rate, kept as columns; with the task's
+    per-sample `metrics` (text: bpb), `<name>_source` at θ0 and `<name>` after adaptation."""
 
-    def __init__(self, lrs: tuple[float, ...]):
-        self.lrs = lrs
+    def __init__(self, lrs: tuple[float, ...], metrics: tuple[str, ...] = ()):
+        self.lrs, self.metrics = lrs, metrics
         self.cols: dict[str, list] = defaultdict(list)
 
-    def add(self, s: Scored, uncertain: bool, a: Adaptation | None, seconds: float) -> None:
+    def add(self, s: Scored, uncertain: bool, a: Adaptation | None, seconds: float,
+            source: dict[str, float] | None = None) -> None:
+        """`source`: the task's metrics at θ0 (uncertain samples of a task with metrics; one more
+        forward). Unadapted or declined: the metric after = at θ0; non-finite: NaN."""
         for k, lr in enumerate(self.lrs):
             pred, nonfinite = s.pred, False
             if a is not None:
@@ -233,16 +238,25 @@ class Recorder:
                 "pred": pred, "delta": s.delta, "p_source": s.prob, "uncertain": uncertain,
                 "updated": bool(a and a.updated), "loss": a.loss if a else float("nan"),
                 "grad_norm": a.grad_norm if a else float("nan"), "nonfinite": nonfinite,
-                "forwards": 1 + (a.forwards if a else 0), "backwards": a.backwards if a else 0,
-                "seconds": seconds,
+                "forwards": 1 + int(source is not None) + (a.forwards if a else 0),
+                "backwards": a.backwards if a else 0, "seconds": seconds,
+                "select_seconds": a.select_seconds if a else 0.0,  # of `seconds`: choosing data to step on
             }
+            for name in self.metrics:
+                before = source.get(name, math.nan) if source else math.nan
+                after = before if a is None or a.logits[k] is None else (a.metrics[k] or {}).get(name, math.nan)
+                row[f"{name}_source"], row[name] = before, math.nan if nonfinite else after
             for key, value in row.items():
                 self.cols[key].append(value)
 
     def extend(self, rows: pd.DataFrame) -> None:
-        """Rows recorded earlier (a resumed run)."""
+        """Rows recorded earlier (a resumed run; metric columns it lacks are NaN)."""
         for key in rows.columns:
             self.cols[key].extend(rows[key].tolist())
+        for name in self.metrics:
+            for key in (f"{name}_source", name):
+                if key not in rows.columns:
+                    self.cols[key].extend([math.nan] * len(rows))
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.cols)
@@ -335,9 +349,12 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
     torch.manual_seed(options.seed)
     options = replace(options, batch_size=options.batch_size or BATCH_SIZE.get(device.type, 1))
     model = task.load_model().to(device).eval()
-    adapter = Adapter(model, method, task.class_logits, protocol, task.augmenter()) if method.adapts else None
+    bound = _Evaluate(task) if task.metrics else None  # the prediction forward gives the metrics too
+    space = task.data_space() if method.selects else None  # built (or loaded) once, before the scan
+    adapter = Adapter(model, method, task.class_logits, protocol, task.augmenter(), bound,
+                      data_space=space) if method.adapts else None
     block, blocks, sizer = _block_adapter(adapter, model, method, task, protocol, options, device)
-    recorder = Recorder(protocol.lrs)
+    recorder = Recorder(protocol.lrs, task.metrics)
     threshold = method.gate_threshold(protocol.threshold)
     fingerprint = _fingerprint(task, method, protocol, options)
     done = checkpoint.load(options.checkpoint, fingerprint) if options.checkpoint else None
@@ -363,6 +380,10 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
         nonlocal n_seen, n_uncertain, blocks, block, fallback, halvings
         gated = [s for s, uncertain in pending if uncertain]
         t0 = perf_counter()
+        sources = {}  # the task's metrics at θ0, for every method (`none` too)
+        with torch.no_grad():
+            for s in gated if task.metrics else ():
+                sources[s.sample.index] = task.evaluate(model, s.inputs, s.sample)[1]
         results = []
         if adapter is not None and gated and blocks is not None:
             try:
@@ -373,7 +394,10 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
                 warnings.warn(f"adapting in blocks failed ({fallback}); adapting one sample at a time")
                 blocks, block = None, 1
         if adapter is not None and gated and blocks is None:
-            results = [adapter.adapt(s.inputs, s.sample.index) for s in gated]
+            for s in gated:
+                if bound is not None:
+                    bound.sample = s.sample
+                results.append(adapter.adapt(s.inputs, s.sample.index))
         share = (perf_counter() - t0) / max(1, len(gated))
         it = iter(results)
         for s, uncertain in pending:
@@ -382,7 +406,7 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
                 skipped.append(s.unreadable)
                 continue
             a = next(it) if uncertain and adapter else None
-            recorder.add(s, uncertain, a, s.seconds + (share if uncertain else 0.0))
+            recorder.add(s, uncertain, a, s.seconds + (share if uncertain else 0.0), sources.get(s.sample.index))
             n_uncertain += uncertain
         bar.update(len(pending))
         bar.set_postfix(uncertain=n_uncertain, refresh=False)
@@ -439,7 +463,7 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
     }
     metadata = {**environment(device), "task": task.metadata(), "resumed_from_sample": done.n_seen if done else 0,
                 "skipped_unreadable": skipped, "stopped_by": stopped_by}
-    return RunResult(rows, summarize(rows, wall) if len(rows) else [], config, metadata, interrupted)
+    return RunResult(rows, summarize(rows, wall, task.metrics) if len(rows) else [], config, metadata, interrupted)
 
 
 def adapt_in_blocks(blocks: BlockAdapter, inputs: torch.Tensor, size: int, sizer: BlockSizer | None = None
@@ -492,7 +516,21 @@ def _block_adapter(adapter: Adapter | None, model: torch.nn.Module, method: Meth
 def _why_no_blocks(method: Method, protocol: Protocol, task: Task) -> str | None:
     if task.kind != "image":
         return f"blocks need tensor inputs of one shape (image tasks), not {task.kind} tasks"
+    if task.metrics:
+        return f"blocks do not compute the per-sample metrics of task {task.name} ({', '.join(task.metrics)})"
     return supports_blocks(method, protocol)
+
+
+class _Evaluate:
+    """`Task.evaluate` bound to the sample being adapted: the Adapter calls it with (model, inputs)
+    only, so what the inputs must not carry (text: the label, the byte count) reaches the
+    prediction forward and never a method's loss."""
+
+    def __init__(self, task: Task):
+        self.task, self.sample = task, None
+
+    def __call__(self, model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.task.evaluate(model, inputs, self.sample)
 
 
 def _fingerprint(task: Task, method: Method, protocol: Protocol, options: RunOptions) -> str:

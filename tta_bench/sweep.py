@@ -40,7 +40,7 @@ from .runner import RunOptions, parse_device
 RUN_SETTINGS: dict[str, HParam] = {
     "lr": HParam(None, float), "lr_grid": HParam(None, str, choices=tuple(LR_GRIDS)),
     "threshold": HParam(0.16, float, nullable=True), "seed": HParam(0, int), "steps": HParam(1, int),
-    "clip": HParam(1.0, float, nullable=True), "optimizer": HParam("sgd", str),
+    "clip": HParam(1.0, float, nullable=True), "optimizer": HParam(None, str, nullable=True),
     "momentum": HParam(0.0, float), "weight_decay": HParam(0.0, float),
     "limit": HParam(None, int, nullable=True), "max_uncertain": HParam(None, int, nullable=True),
     "batch_size": HParam(None, int, nullable=True), "device": HParam("auto", str),
@@ -154,6 +154,7 @@ def _jobs(spec: dict) -> tuple[list[Job], list[str]]:
                 raise TTAError("give lr or lr_grid, not both")
             lrs = (LR_GRIDS[run["lr_grid"]] if run["lr_grid"] else
                    [method.default_lr] if run["lr"] is None else run["lr"])
+            run["optimizer"] = run["optimizer"] or method.default_optimizer
             protocol = Protocol(lrs=tuple(lrs), **{f.name: run[f.name] for f in fields(Protocol) if f.name != "lrs"})
             options = {k: run[k] for k in ("limit", "max_uncertain", "seed", "batch_size", "device")}
             config = {

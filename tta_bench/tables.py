@@ -19,6 +19,8 @@ FORMATS = {"md": "github", "html": "html", "tex": "latex_booktabs"}
 OPTION = "option."  # column prefix of the task options (corruption, model, corpus, …) in the runs
 HEADLINE_P = "p Wilcoxon (Holm)"
 CHOSEN = " ◀"  # marks the chosen learning rate in the methods × learning rates table
+# text tasks: mean bits per byte over the configurations at θ0 and adapted, and its mean change (%)
+BPB = {"bpb source": "bpb_source", "bpb": "bpb", "Δbpb %": "bpb_change_pct"}
 
 
 def at_chosen(runs: pd.DataFrame, chosen: dict[str, float]) -> pd.DataFrame:
@@ -33,6 +35,8 @@ def _fmt(column: str, x: float) -> str:
         return f"{x:.3f}"
     if column.startswith(("n_", "Δacc>", "Δacc<", "configs")):
         return f"{x:.0f}"
+    if column in BPB:
+        return f"{x:.3f}"
     return f"{x:.2f}"
 
 
@@ -54,6 +58,8 @@ def method_table(at_lr: pd.DataFrame, chosen: dict[str, float], how: str, refere
         g = at_lr[at_lr["method"] == method]
         row.update({"fwd/sample": g["forwards_per_sample"].mean(), "bwd/sample": g["backwards_per_sample"].mean(),
                     "samples/s": g["samples_per_s"].mean()})
+        if has_bpb(at_lr):
+            row.update({column: g[metric].mean() for column, metric in BPB.items()})
         rows.append(row)
     table = pd.DataFrame(rows)
     for col in ("p sign", "p t", "p Wilcoxon", f"p t {reference}>", f"p W {reference}>"):
@@ -62,6 +68,11 @@ def method_table(at_lr: pd.DataFrame, chosen: dict[str, float], how: str, refere
     table = table.sort_values("mean Δacc", ascending=False, kind="stable").reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     return table
+
+
+def has_bpb(runs: pd.DataFrame) -> bool:
+    """Whether these runs recorded bits per byte (text tasks)."""
+    return "bpb" in runs and bool(runs["bpb"].notna().any())
 
 
 def configuration_table(at_lr: pd.DataFrame, reference: str) -> pd.DataFrame:
@@ -121,6 +132,10 @@ def headline_table(methods: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         "fwd/bwd per sample": [f"{f:.3g} / {b:.3g}"
                                for f, b in zip(data["fwd/sample"], data["bwd/sample"], strict=True)],
     })
+    if "bpb" in methods:  # text tasks: bits per byte beside Δacc
+        data = data.join(methods[["bpb", "Δbpb %"]].reset_index(drop=True))
+        view.insert(view.columns.get_loc("wins/losses"), "bpb (Δ%)", [
+            "–" if pd.isna(b) else f"{b:.3f} ({c:+.2f}%)" for b, c in zip(data["bpb"], data["Δbpb %"], strict=True)])
     return data, view
 
 

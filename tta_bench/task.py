@@ -15,6 +15,7 @@ class Sample(NamedTuple):
     index: int
     raw: Any  # whatever `collate` turns into model inputs
     label: int
+    extra: Any = None  # what only `Task.evaluate` sees, never the model inputs nor a method's loss
 
 
 class UnreadableSample(TTAError):
@@ -35,6 +36,9 @@ class Task:
     kind: ClassVar[str] = "image"  # image | text | mc
     description: ClassVar[str] = ""
     options: ClassVar[dict[str, HParam]] = {}
+    # Per-sample metrics `evaluate` returns (text: ("bpb",)); the runs record each at θ0 and
+    # after adaptation (columns `<name>_source`, `<name>`). Tasks without any have no such columns.
+    metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **options: Any):
         self.config = resolve(f"task {self.name}", self.options, options)
@@ -70,6 +74,18 @@ class Task:
     def class_logits(self, model: nn.Module, inputs: Any) -> Tensor:
         """[B, C] class logits for a batch of inputs."""
         return model(inputs)
+
+    def evaluate(self, model: nn.Module, inputs: Any, sample: Sample) -> tuple[Tensor, dict[str, float]]:
+        """Class logits [C] of one sample's inputs (a batch of one) and its per-sample `metrics`,
+        at the model's current weights (called without gradient, at θ0 and after adaptation).
+        `sample` brings what the inputs must not carry (its label, `extra`): the methods' losses
+        see the inputs only. Default: the class logits and no metrics."""
+        return self.class_logits(model, inputs)[0], {}
+
+    def data_space(self) -> Any:
+        """What methods that fine-tune on selected data choose from (text: tasks.dataspace.DataSpace),
+        built on first use after the model is loaded; None if the task has none."""
+        return None
 
     def augmenter(self) -> Callable[[Any, int], Any] | None:
         """(inputs of one sample, n) -> n augmented views, if the task supports augmentation."""

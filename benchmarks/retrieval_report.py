@@ -1,0 +1,91 @@
+"""Issue 13's report from the runs of sweeps/retrieval.toml (or any text runs with bpb): per corpus
+and method, bits per byte relative to the base model (%, bootstrap 90 % CI over windows, as in the
+SIFT paper), Δacc, selection and total seconds per window, with every window (gate none) and with
+the shared gate (the windows with Δ1,2 < d: under the per-sample reset, exactly the gated run).
+
+    python benchmarks/retrieval_report.py --experiment tta-bench-retrieval [--tracking-uri URI] [--d 0.16]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tabulate import tabulate
+
+from tta_bench.leaderboard import load_runs
+from tta_bench.tracking import open_client, resolve_uri
+
+
+def rows_of(uri: str, experiment: str) -> pd.DataFrame:
+    """Every finished run's per-sample rows, with its corpus, method label and data-space info."""
+    runs = load_runs(uri, experiment)
+    client = open_client(resolve_uri(uri))
+    frames = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in runs.itertuples():
+            path = Path(client.download_artifacts(run.run_id, "samples.parquet", tmp))
+            rows = pd.read_parquet(path)
+            rows = rows[rows["lr"] == run.lr]
+            frames.append(rows.assign(corpus=getattr(run, "task_corpus", None), method=run.method,
+                                      data_space=json.dumps(_data_space(client, run.run_id, tmp))))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _data_space(client, run_id: str, tmp: str) -> dict | None:
+    """The run's data-space record (run.json, on the run or on its sweep-of-lrs parent)."""
+    for rid in (run_id, client.get_run(run_id).data.tags.get("mlflow.parentRunId")):
+        try:
+            record = json.loads(Path(client.download_artifacts(rid, "run.json", tmp)).read_text())
+        except Exception:  # no run.json on this run
+            continue
+        return record["metadata"]["task"].get("data_space")
+    return None
+
+
+def relative_bpb(before: np.ndarray, after: np.ndarray, rng: np.random.Generator, n: int = 1000) -> tuple[float, float, float]:
+    """100·(mean bpb after / mean bpb before − 1) and its bootstrap 90 % interval over windows."""
+    value = 100 * (after.mean() / before.mean() - 1)
+    idx = rng.integers(0, len(before), size=(n, len(before)))
+    boot = 100 * (after[idx].mean(1) / before[idx].mean(1) - 1)
+    return value, *np.percentile(boot, [5, 95])
+
+
+def table(rows: pd.DataFrame, gated: bool, d: float) -> list[list]:
+    out, rng = [], np.random.default_rng(0)
+    for (corpus, method), g in rows.groupby(["corpus", "method"], sort=True):
+        g = g[g["delta"] < d] if gated else g
+        g = g[np.isfinite(g["bpb"]) & np.isfinite(g["bpb_source"])]
+        if g.empty:
+            continue
+        rel, lo, hi = relative_bpb(g["bpb_source"].to_numpy(), g["bpb"].to_numpy(), rng)
+        acc0, acc = 100 * (g["pred_source"] == g["label"]).mean(), 100 * (g["pred"] == g["label"]).mean()
+        out.append([corpus, method, len(g), f"{g['bpb_source'].mean():.3f}", f"{g['bpb'].mean():.3f}",
+                    f"{rel:+.2f} [{lo:+.2f}, {hi:+.2f}]", f"{acc - acc0:+.1f}", f"{g['select_seconds'].mean():.2f}",
+                    f"{(g['seconds'] - g['select_seconds']).mean():.2f}", f"{g['backwards'].mean():.1f}"])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", default="tta-bench-retrieval")
+    parser.add_argument("--tracking-uri")
+    parser.add_argument("--d", type=float, default=0.16, help="the shared gate's threshold")
+    args = parser.parse_args()
+    rows = rows_of(args.tracking_uri, args.experiment)
+    headers = ["corpus", "method", "windows", "bpb θ0", "bpb", "bpb vs base, % [90 % CI]", "Δacc (pp)",
+               "select s/window", "other s/window", "steps"]
+    spaces = {(r.corpus, r.data_space) for r in rows[["corpus", "data_space"]].drop_duplicates().itertuples()}
+    built = [[c, i["embedder"], i["n_sequences"], i["n_tokens"], f"{i['build_seconds']:.0f}", f"{i['size_bytes'] / 2**20:.1f}"]
+             for c, i in ((c, json.loads(s)) for c, s in sorted(spaces)) if i]
+    print(tabulate(built, headers=["corpus", "embedder", "sequences", "tokens", "build s", "MiB"], tablefmt="github"))
+    for gated in (False, True):
+        print(f"\n### {'shared gate, Δ1,2 < ' + str(args.d) if gated else 'every window (gate none)'}\n")
+        print(tabulate(table(rows, gated, args.d), headers=headers, tablefmt="github"))
+
+
+if __name__ == "__main__":
+    main()
