@@ -92,7 +92,7 @@ class Sift(Retrieval):
     def choose(self, space, window, exclude, index):
         from activeft.sift import Retriever
 
-        retriever = Retriever(space.searchable(exclude), llambda=self.hp.llambda, device=torch.device("cpu"))
+        retriever = Retriever(space.searchable(exclude), llambda=self.hp.llambda, device=window.device)
         k = max(self.hp.candidates, self.hp.n_select)
         _, chosen, _, _ = retriever.search(space.query(window)[None], N=self.hp.n_select, K=k)
         return np.asarray(chosen)

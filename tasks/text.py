@@ -258,9 +258,12 @@ class Text(LanguageTask):
         space = self.opts.data_space
         if self._split():
             return ((n, t) for n, t in self.documents() if in_data_space(n, self.opts.data_space_fraction))
-        if any(part.endswith((".txt", ".jsonl", ".json", ".parquet")) for part in space.split(",")):
-            return local_files(space.split(","), self.opts.text_field or "text")
-        return self._corpus(space)
+        try:
+            if any(part.endswith((".txt", ".jsonl", ".json", ".parquet")) for part in space.split(",")):
+                return local_files(space.split(","), self.opts.text_field or "text")
+            return self._corpus(space)
+        except TTAError as err:
+            raise TTAError(f"--data-space {space}: {err} (or: split)") from None
 
     def check(self) -> None:
         self.documents()  # unknown corpus names fail here, before the model loads

@@ -52,6 +52,20 @@ class ToyTask(Task):
         return len(self.y)
 
 
+@pytest.fixture(scope="session")
+def tiny():
+    """A tiny randomly initialised Llama with SmolLM2's real (byte-level BPE) tokenizer: fast
+    language-model tests (the engine restores its weights after every sample)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tta_bench.tasks import lm
+    tokenizer = AutoTokenizer.from_pretrained(lm.embedded_folder())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    return lm.LanguageModel(LlamaForCausalLM(config).eval(), tokenizer, {"model": "tiny-llama"})
+
+
 @pytest.fixture
 def toy_task() -> ToyTask:
     return ToyTask()

@@ -18,8 +18,6 @@ from tta_bench.method import Step
 from tta_bench.metrics import summarize
 from tta_bench.runner import Recorder, Scored
 from tta_bench.task import Sample
-from tta_bench.tasks import lm as lm_module
-from tta_bench.tasks.lm import LanguageModel
 from tta_bench.tasks.text import covered_bytes
 
 from conftest import ToyTask
@@ -29,18 +27,6 @@ WINDOW = 16
 IFO_LRS = (300.0, 1000.0)
 # ASCII, 2-byte (é, ï, ö), 3-byte (—, 日本) and 4-byte (𝄞) characters
 TEXT = " ".join(f"café {i} naïve — 日本 über 𝄞 line{i}." for i in range(40))
-
-
-@pytest.fixture(scope="module")
-def tiny() -> LanguageModel:
-    """A tiny randomly initialised Llama with SmolLM2's real (byte-level BPE) tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(lm_module.embedded_folder())
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
-    return LanguageModel(LlamaForCausalLM(config).eval(), tokenizer, {"model": "tiny-llama"})
 
 
 @pytest.fixture

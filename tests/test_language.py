@@ -20,17 +20,6 @@ def smol() -> LanguageModel:
     return lm_module.load_language_model(lm_module.EMBEDDED)
 
 
-@pytest.fixture(scope="session")
-def tiny(smol) -> LanguageModel:
-    """A tiny randomly initialised Llama with SmolLM2's real tokenizer: fast unit tests."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(smol.tokenizer), hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
-    return LanguageModel(LlamaForCausalLM(config).eval(), smol.tokenizer, {"model": "tiny-llama"})
-
-
 def with_lm(task, lm):
     task.__dict__["lm"] = lm  # the task's cached language model
     return task

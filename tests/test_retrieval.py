@@ -14,22 +14,8 @@ from tta_bench.engine import Adapter
 from tta_bench.method import Step
 from tta_bench.registry import get_method, get_task
 from tta_bench.tasks import dataspace as ds
-from tta_bench.tasks import lm as lm_module
-from tta_bench.tasks.lm import LanguageModel
 
 from conftest import assert_bit_identical, state
-
-
-@pytest.fixture(scope="module")
-def tiny() -> LanguageModel:
-    """A tiny random Llama with SmolLM2's real tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    smol = lm_module.load_language_model(lm_module.EMBEDDED)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(smol.tokenizer), hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
-    return LanguageModel(LlamaForCausalLM(config).eval(), smol.tokenizer, {"model": "tiny-llama"})
 
 
 @pytest.fixture
