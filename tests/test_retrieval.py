@@ -200,3 +200,23 @@ def test_the_packaged_minilm_embeds_to_unit_length_and_ranks_by_meaning(tiny):
     e = embedder.embed([np.array(tiny.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts])
     np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
     assert e[0] @ e[1] > e[0] @ e[2] + 0.2
+
+
+def test_the_optimizer_state_is_freed_with_each_sample(tmp_path, tiny, cache):
+    """Adam's moments (2 × the model) must go with the sample, by reference counting alone: a
+    reference cycle kept them until a full garbage collection and ran a real run out of memory."""
+    import gc
+
+    task = tiny_text_task(tmp_path, tiny, data_space="split")
+    sample = next(iter(task.samples()))
+    protocol = Protocol(lrs=(1e-3, 2e-3), threshold=None, optimizer="adam")
+    with Adapter(tiny.model, get_method("nn", n_select=2), task.class_logits, protocol,
+                 data_space=task.data_space()) as adapter:
+        gc.collect()
+        gc.disable()
+        try:
+            adapter.adapt(sample.raw[None], sample.index)
+            alive = [o for o in gc.get_objects() if isinstance(o, torch.optim.Optimizer)]
+        finally:
+            gc.enable()
+    assert alive == []

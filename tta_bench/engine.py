@@ -3,8 +3,8 @@ clipping, prediction, timing and recording for every method."""
 from __future__ import annotations
 
 import math
-from time import perf_counter
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any, Callable, Sequence
 
 import torch
@@ -273,8 +273,9 @@ class Updater:
 
     def step(self) -> Step:
         """A fresh view of the sample at the current weights (its forward runs on first use)."""
-        def count() -> None:
-            self.out.forwards += 1
+        out = self.out  # not `self`: a Step must not hold its Updater (a cycle would keep the
+        def count() -> None:  # optimizer's state, e.g. Adam's moments, alive until a full gc)
+            out.forwards += 1
         a = self.adapter
         step = Step(a.model, self.inputs, a.class_logits, self.source, count, augmenter=a.augmenter,
                     index=self.index, data_space=a.data_space)
