@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -26,12 +27,14 @@ def rows_of(uri: str, experiment: str) -> pd.DataFrame:
     client = open_client(resolve_uri(uri))
     frames = []
     with tempfile.TemporaryDirectory() as tmp:
-        for run in runs.itertuples():
-            path = Path(client.download_artifacts(run.run_id, "samples.parquet", tmp))
+        lrs = runs.groupby("method")["lr"].nunique()
+        for _, run in runs.iterrows():
+            path = Path(client.download_artifacts(run["run_id"], "samples.parquet", tmp))
             rows = pd.read_parquet(path)
-            rows = rows[rows["lr"] == run.lr]
-            frames.append(rows.assign(corpus=getattr(run, "task_corpus", None), method=run.method,
-                                      data_space=json.dumps(_data_space(client, run.run_id, tmp))))
+            rows = rows[rows["lr"] == run["lr"]]
+            label = f"{run['method']} lr={run['lr']:g}" if lrs[run["method"]] > 1 else run["method"]
+            frames.append(rows.assign(corpus=run["option.corpus"], method=label,
+                                      data_space=json.dumps(_data_space(client, run["run_id"], tmp))))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -75,6 +78,7 @@ def main() -> None:
     parser.add_argument("--tracking-uri")
     parser.add_argument("--d", type=float, default=0.16, help="the shared gate's threshold")
     args = parser.parse_args()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     rows = rows_of(args.tracking_uri, args.experiment)
     headers = ["corpus", "method", "windows", "bpb θ0", "bpb", "bpb vs base, % [90 % CI]", "Δacc (pp)",
                "select s/window", "other s/window", "steps"]
