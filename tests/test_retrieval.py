@@ -2,6 +2,8 @@
 nn / nn-f / sift / random selection, the engine's steps on selected inputs, and the cache."""
 import json
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import numpy as np
 import pytest
 import torch
@@ -220,3 +222,22 @@ def test_the_optimizer_state_is_freed_with_each_sample(tmp_path, tiny, cache):
         finally:
             gc.enable()
     assert alive == []
+
+
+@given(window=st.lists(st.integers(0, 50), min_size=0, max_size=80),
+       seqs=st.lists(st.lists(st.integers(0, 50), min_size=2, max_size=70), min_size=1, max_size=6),
+       planted=st.integers(0, 5), start=st.integers(0, 80))
+@settings(max_examples=60, deadline=None)
+def test_leaking_is_exactly_the_sequences_sharing_a_32_gram(window, seqs, planted, start):
+    """Property: a sequence is excluded iff it shares some 32 consecutive tokens with the window
+    (a small alphabet makes shared n-grams likely; the window's text is also planted)."""
+    if len(window) >= ds.NGRAM and planted < len(seqs):
+        start = min(start, len(window) - ds.NGRAM)
+        seqs[planted] = seqs[planted][:3] + window[start:start + ds.NGRAM] + seqs[planted][3:]
+    tokens = np.concatenate([np.asarray(s, dtype=np.int32) for s in seqs])
+    offsets = np.cumsum([0] + [len(s) for s in seqs]).astype(np.int64)
+    space = ds.DataSpace(tokens, offsets, np.zeros((len(seqs), 1), np.float32), None, None)
+    grams = {tuple(window[i:i + ds.NGRAM]) for i in range(len(window) - ds.NGRAM + 1)}
+    expected = [i for i, s in enumerate(seqs)
+                if any(tuple(s[j:j + ds.NGRAM]) in grams for j in range(len(s) - ds.NGRAM + 1))]
+    assert space.leaking(np.asarray(window)).tolist() == expected
