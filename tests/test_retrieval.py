@@ -241,3 +241,12 @@ def test_leaking_is_exactly_the_sequences_sharing_a_32_gram(window, seqs, plante
     expected = [i for i, s in enumerate(seqs)
                 if any(tuple(s[j:j + ds.NGRAM]) in grams for j in range(len(s) - ds.NGRAM + 1))]
     assert space.leaking(np.asarray(window)).tolist() == expected
+
+
+def test_labels_name_only_what_differs_from_the_methods_own_defaults():
+    from tta_bench.tracking import method_label
+    protocol = {"lrs": [5e-5], "threshold": None, "steps": 1, "clip": 1.0, "optimizer": "adam",
+                "momentum": 0.0, "weight_decay": 0.0}
+    assert method_label({"method": "nn", "hparams": {"n_select": 4}, "protocol": protocol}) == "nn(n_select=4)"
+    assert method_label({"method": "ifo", "hparams": {}, "protocol": protocol}) == "ifo[optimizer=adam]"
+    assert method_label({"method": "sift", "hparams": {}, "protocol": {**protocol, "optimizer": "sgd"}}) == "sift[optimizer=sgd]"

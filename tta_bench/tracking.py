@@ -269,9 +269,17 @@ def configuration_label(config: dict) -> str:
 def method_label(config: dict) -> str:
     """The method, its non-default hyperparameters and non-default protocol settings."""
     label = _label(config["method"], config["hparams"], _defaults("method", config["method"]))
-    protocol = {k: config["protocol"][k] for k in PROTOCOL_DEFAULTS}
-    changed = [f"{k}={v}" for k, v in protocol.items() if v != PROTOCOL_DEFAULTS[k]]
+    defaults = {**PROTOCOL_DEFAULTS, "optimizer": _default_optimizer(config["method"])}
+    changed = [f"{k}={config['protocol'][k]}" for k in PROTOCOL_DEFAULTS if config["protocol"][k] != defaults[k]]
     return label + (f"[{', '.join(changed)}]" if changed else "")
+
+
+def _default_optimizer(method: str) -> str:
+    from .registry import method_class
+    try:
+        return method_class(method).default_optimizer
+    except TTAError:  # a plugin that is not installed here
+        return PROTOCOL_DEFAULTS["optimizer"]
 
 
 def run_params(config: dict) -> dict[str, Any]:
