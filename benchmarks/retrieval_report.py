@@ -83,8 +83,8 @@ def main() -> None:
     headers = ["corpus", "method", "windows", "bpb θ0", "bpb", "bpb vs base, % [90 % CI]", "Δacc (pp)",
                "select s/window", "other s/window", "steps"]
     spaces = {(r.corpus, r.data_space) for r in rows[["corpus", "data_space"]].drop_duplicates().itertuples()}
-    built = [[c, i["embedder"], i["n_sequences"], i["n_tokens"], f"{i['build_seconds']:.0f}", f"{i['size_bytes'] / 2**20:.1f}"]
-             for c, i in ((c, json.loads(s)) for c, s in sorted(spaces)) if i]
+    built = sorted({(c, i["embedder"], i["n_sequences"], i["n_tokens"], f"{i['build_seconds']:.0f}",
+                     f"{i['size_bytes'] / 2**20:.1f}") for c, i in ((c, json.loads(s)) for c, s in spaces) if i})
     print(tabulate(built, headers=["corpus", "embedder", "sequences", "tokens", "build s", "MiB"], tablefmt="github"))
     for gated in (False, True):
         print(f"\n### {'shared gate, Δ1,2 < ' + str(args.d) if gated else 'every window (gate none)'}\n")
