@@ -22,7 +22,6 @@ import ast
 import contextlib
 import ctypes
 import io
-import os
 import sys
 import time
 import types

@@ -15,7 +15,7 @@ import torch
 from tabulate import tabulate
 
 from tta_bench.registry import get_task
-from tta_bench.tasks.dataspace import DEFAULT_EMBEDDER, hf_embedder, self_embedder, sequences_of
+from tta_bench.tasks.dataspace import DEFAULT_EMBEDDER
 
 
 def main() -> None:
@@ -27,18 +27,13 @@ def main() -> None:
     table = []
     for corpus in ("shakespeare", "python-stdlib", "licenses"):
         task = get_task("text", corpus=corpus, data_space="split", seq_len=args.seq_len)
-        lm = task.lm
         t0 = time.perf_counter()
-        tokens, offsets = sequences_of(task.data_space_documents(),
-                                       lambda t: lm.tokenizer(t, add_special_tokens=False)["input_ids"],
-                                       args.seq_len, None)
+        tokens, offsets = task.data_space_sequences()
         tokenize_s = time.perf_counter() - t0
         n = len(offsets) - 1
         sample = [tokens[offsets[i]:offsets[i + 1]] for i in np.linspace(0, n - 1, min(n, args.sample)).astype(int)]
-        embedders = {DEFAULT_EMBEDDER: hf_embedder(DEFAULT_EMBEDDER, lambda ids: lm.tokenizer.decode(ids.tolist()),
-                                                   torch.device("cpu")),
-                     "self": self_embedder(lm.model, "benchmark")}
-        for name, embedder in embedders.items():
+        for name in (DEFAULT_EMBEDDER, "self"):
+            embedder = task.embedder(name)
             t0 = time.perf_counter()
             rows = [embedder.embed(sample[i:i + embedder.batch_size]) for i in range(0, len(sample), embedder.batch_size)]
             rate = len(sample) / (time.perf_counter() - t0)

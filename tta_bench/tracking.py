@@ -247,11 +247,18 @@ def _text(value: Any, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _defaults(kind: str, name: str) -> dict[str, Any]:
+def _registered(kind: str, name: str) -> Any:
+    """The task or method class of that name, None for a plugin that is not installed here."""
     from .registry import method_class, task_class
     try:
-        cls = task_class(name) if kind == "task" else method_class(name)
-    except TTAError:  # a plugin that is not installed here: label with every option
+        return task_class(name) if kind == "task" else method_class(name)
+    except TTAError:
+        return None
+
+
+def _defaults(kind: str, name: str) -> dict[str, Any]:
+    cls = _registered(kind, name)
+    if cls is None:  # label with every option
         return {}
     return {k: spec.default for k, spec in (cls.options if kind == "task" else cls.hparams).items()}
 
@@ -269,17 +276,10 @@ def configuration_label(config: dict) -> str:
 def method_label(config: dict) -> str:
     """The method, its non-default hyperparameters and non-default protocol settings."""
     label = _label(config["method"], config["hparams"], _defaults("method", config["method"]))
-    defaults = {**PROTOCOL_DEFAULTS, "optimizer": _default_optimizer(config["method"])}
+    method = _registered("method", config["method"])
+    defaults = {**PROTOCOL_DEFAULTS, **({"optimizer": method.default_optimizer} if method else {})}
     changed = [f"{k}={config['protocol'][k]}" for k in PROTOCOL_DEFAULTS if config["protocol"][k] != defaults[k]]
     return label + (f"[{', '.join(changed)}]" if changed else "")
-
-
-def _default_optimizer(method: str) -> str:
-    from .registry import method_class
-    try:
-        return method_class(method).default_optimizer
-    except TTAError:  # a plugin that is not installed here
-        return PROTOCOL_DEFAULTS["optimizer"]
 
 
 def run_params(config: dict) -> dict[str, Any]:
