@@ -23,7 +23,7 @@ from tta_bench.tracking import open_client, resolve_uri
 
 def rows_of(uri: str, experiment: str) -> pd.DataFrame:
     """Every finished run's per-sample rows, with its corpus, method label and data-space info."""
-    runs = load_runs(uri, experiment)
+    runs = load_runs(uri, experiment, interrupted=True)  # common_windows evens out runs stopped early
     client = open_client(resolve_uri(uri))
     frames = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,6 +57,16 @@ def relative_bpb(before: np.ndarray, after: np.ndarray, rng: np.random.Generator
     return value, *np.percentile(boot, [5, 95])
 
 
+def common_windows(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per corpus, only the windows every method scored (a run stopped early covers fewer), so that
+    each row compares like with like."""
+    keep = []
+    for _, g in rows.groupby("corpus"):
+        shared = set.intersection(*(set(m["index"]) for _, m in g.groupby("method")))
+        keep.append(g[g["index"].isin(shared)])
+    return pd.concat(keep, ignore_index=True)
+
+
 def table(rows: pd.DataFrame, gated: bool, d: float) -> list[list]:
     out, rng = [], np.random.default_rng(0)
     for (corpus, method), g in rows.groupby(["corpus", "method"], sort=True):
@@ -77,9 +87,12 @@ def main() -> None:
     parser.add_argument("--experiment", default="tta-bench-retrieval")
     parser.add_argument("--tracking-uri")
     parser.add_argument("--d", type=float, default=0.16, help="the shared gate's threshold")
+    parser.add_argument("--all-windows", action="store_true",
+                        help="each method on all its windows (default: only the windows every method of the corpus scored)")
     args = parser.parse_args()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     rows = rows_of(args.tracking_uri, args.experiment)
+    rows = rows if args.all_windows else common_windows(rows)
     headers = ["corpus", "method", "windows", "bpb θ0", "bpb", "bpb vs base, % [90 % CI]", "Δacc (pp)",
                "select s/window", "other s/window", "steps"]
     spaces = {(r.corpus, r.data_space) for r in rows[["corpus", "data_space"]].drop_duplicates().itertuples()}

@@ -10,6 +10,7 @@ import pytest
 import tta_bench
 from tta_bench import Protocol, RunOptions, RunResult
 from tta_bench.errors import TTAError
+from tta_bench.leaderboard import load_runs
 from tta_bench.tracking import Tracker, check_uri
 
 from conftest import ToyTask
@@ -158,6 +159,9 @@ def test_experiment_with_only_interrupted_runs(capsys, store, tmp_path):
     Tracker(uri, "stopped").log(result)
     one_line_error(capsys, "leaderboard", "--tracking-uri", uri, "--experiment", "stopped", "--out", str(tmp_path),
                    words=("no finished tta-bench runs", "2 killed"))
+    # ... which a report over runs stopped early (benchmarks/retrieval_report.py) reads on request
+    runs = load_runs(uri, "stopped", interrupted=True)
+    assert sorted(runs["lr"]) == sorted(LRS) and (runs["n_total"] == len(result.rows) / len(LRS)).all()
 
 
 @pytest.mark.parametrize("content,words", [

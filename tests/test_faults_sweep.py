@@ -243,21 +243,23 @@ def uninterrupted(tmp_path_factory) -> dict[str, pd.DataFrame]:
 class Sweep:
     """`tta-bench sweep` on SPEC in its own process group, against a SQLite store in tmp_path."""
 
-    def __init__(self, tmp_path: Path):
-        self.spec, self.state = tmp_path / "faults.toml", tmp_path / "state"
+    def __init__(self, tmp_path: Path, cwd: Path | None = None):
+        self.spec, self.state, self.cwd = tmp_path / "faults.toml", tmp_path / "state", cwd
         self.spec.write_text(SPEC)
         self.uri = f"sqlite:///{tmp_path}/mlflow.db"
-        self.cmd = [sys.executable, "-m", "tta_bench.cli", "sweep", str(self.spec), "--workers", "2",
+        # From another working directory: the console script, which (unlike -m) leaves it off sys.path
+        launcher = [str(Path(sys.executable).parent / "tta-bench")] if cwd else [sys.executable, "-m", "tta_bench.cli"]
+        self.cmd = [*launcher, "sweep", str(self.spec), "--workers", "2",
                     "--state", str(self.state), "--tracking-uri", self.uri, "--checkpoint-every", "3",
                     "--threads-per-worker", "1"]
         self.env = {**os.environ, "TTA_BENCH_OFFLINE": "1"}
 
     def start(self) -> subprocess.Popen:
         return subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)
+                                text=True, start_new_session=True, cwd=self.cwd)
 
     def run(self) -> subprocess.CompletedProcess:
-        return subprocess.run(self.cmd, env=self.env, capture_output=True, text=True, timeout=600)
+        return subprocess.run(self.cmd, env=self.env, capture_output=True, text=True, timeout=600, cwd=self.cwd)
 
     def workers_mid_job(self, proc: subprocess.Popen, n: int = 2) -> dict[str, int]:
         """Job key -> worker pid of the jobs with checkpointed samples and no status yet, once
@@ -308,6 +310,18 @@ def _interrupted_then_resumed(sweep: Sweep, full: dict, stop) -> None:
     assert again.returncode == 0 and again.stdout.count("resumed from sample") == 2, again.stdout + again.stderr
     sweep.check_complete(full)
     assert "2 already finished, 0 to run" in sweep.run().stdout
+
+
+def test_workers_import_the_sweeps_package_not_a_tta_bench_folder_in_the_working_directory(tmp_path, uninterrupted):
+    """Run from a checkout's root, where the `tta_bench` folder is not the whole package (tasks/ and
+    methods/ live beside it): the workers still import what the sweep imported, and finish."""
+    checkout = tmp_path / "checkout"
+    (checkout / "tta_bench").mkdir(parents=True)
+    (checkout / "tta_bench" / "__init__.py").write_text("raise ImportError('the checkout folder was imported')\n")
+    sweep = Sweep(tmp_path, cwd=checkout)
+    done = sweep.run()
+    assert done.returncode == 0, done.stdout + done.stderr
+    sweep.check_complete(uninterrupted)
 
 
 @pytest.mark.slow

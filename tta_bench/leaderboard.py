@@ -54,10 +54,12 @@ class Selection:
                 "best": "any learning rate with scored samples"}[self.mode]
 
 
-def load_runs(uri: str | None, experiment: str, parent: str | None = None) -> pd.DataFrame:
+def load_runs(uri: str | None, experiment: str, parent: str | None = None,
+              interrupted: bool = False) -> pd.DataFrame:
     """One row per finished result run (configuration × method × lr × threshold); when a
-    combination was logged more than once, the latest run counts. Reads only: a missing SQLite
-    file is an error, not a new store."""
+    combination was logged more than once, the latest run counts. `interrupted`: runs stopped early
+    (KILLED, their samples so far) count too. Reads only: a missing SQLite file is an error, not a
+    new store."""
     from sqlalchemy.engine import make_url
 
     uri = check_uri(uri)
@@ -75,7 +77,11 @@ def load_runs(uri: str | None, experiment: str, parent: str | None = None) -> pd
         if parent:
             _check_parent(client, parent, found.experiment_id, experiment)
             result_runs += f" and tags.`mlflow.parentRunId` = '{parent}'"
-        raw = _search(uri, found.experiment_id, f"{result_runs} and attributes.status = 'FINISHED'")
+        if interrupted:  # MLflow filters a status by one value only
+            raw = _search(uri, found.experiment_id, result_runs)
+            raw = raw[raw["status"].isin(["FINISHED", "KILLED"])] if len(raw) else raw
+        else:
+            raw = _search(uri, found.experiment_id, f"{result_runs} and attributes.status = 'FINISHED'")
         if raw.empty:
             others = _search(uri, found.experiment_id, result_runs)  # e.g. interrupted (KILLED) ones
             counts = others["status"].value_counts().items() if len(others) else []

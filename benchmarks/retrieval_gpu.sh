@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Issue 13's report runs (sweeps/retrieval.toml's methods, with N = 8) on one GPU, as
+# `tta-bench run --no-tracking` processes (for a GPU machine without MLflow), one lane per corpus
+# running side by side (one process keeps a GPU only partly busy on a 135M model), every lane under
+# one deadline (a run it stops keeps the windows it finished). Their run folders are packed into
+# $OUT/runs.tgz; log them where MLflow is installed and make the report:
+#   tar xzf runs.tgz && tta-bench sync runs --tracking-uri URI --experiment tta-bench-retrieval-gpu
+#   python benchmarks/retrieval_report.py --experiment tta-bench-retrieval-gpu --tracking-uri URI
+# Settings (environment): N (sequences per window, 8), WINDOWS (200), SEQ_LEN (64),
+# SPACE_SIZE (10000), EMBEDDER (all-minilm-l6-v2), DEADLINE_S (420), CORPORA, METHODS.
+set -uo pipefail
+OUT=${OUT:-retrieval-gpu}
+N=${N:-8}; WINDOWS=${WINDOWS:-200}; DEADLINE_S=${DEADLINE_S:-420}
+CORPORA=${CORPORA:-"shakespeare python-stdlib licenses"}
+METHODS=${METHODS:-"none nn sift ifo input-ft nn-f random"}  # most wanted first
+TASK=(--task text --data-space split --seq-len "${SEQ_LEN:-64}" --data-space-size "${SPACE_SIZE:-10000}"
+      --embedding-model "${EMBEDDER:-all-minilm-l6-v2}" --gate none --max-uncertain "$WINDOWS" --no-tracking --no-progress --threads "${THREADS:-4}")
+export TTA_BENCH_OFFLINE=1 PYTHONUNBUFFERED=1
+mkdir -p "$OUT/runs"
+start=$(date +%s)
+
+job() {  # job CORPUS METHOD [timeout s]: one run, its log beside the others
+  local extra=()
+  case $2 in nn|nn-f|sift|random) extra=(-H "n_select=$N") ;; ifo|input-ft) extra=(--lr-grid llm) ;; esac
+  timeout -s TERM "${3:-600}" tta-bench run "${TASK[@]}" --corpus "$1" --method "$2" "${extra[@]}" \
+    --out "$OUT/runs/$1-$2" >"$OUT/runs/$1-$2.log" 2>&1
+  local rc=$?
+  echo "$(date -u +%T) $1 $2 exit $rc ($(( $(date +%s) - start )) s)"
+}
+
+lane() {  # every method on one corpus, in order, until the deadline
+  for method in $METHODS; do
+    local left=$(( start + DEADLINE_S - $(date +%s) ))
+    (( left > 15 )) || { echo "deadline: $1 $method not run"; continue; }
+    job "$1" "$method" "$left"
+  done
+}
+
+# The model and embedder caches are filled once, by one process, before the lanes share them.
+timeout 300 tta-bench run "${TASK[@]}" --corpus "${CORPORA%% *}" --method nn -H n_select=1 --limit 1 \
+  --out /tmp/retrieval-warm-up --overwrite >"$OUT/warm-up.log" 2>&1
+rc=$?
+echo "caches filled: exit $rc ($(( $(date +%s) - start )) s)"
+for corpus in $CORPORA; do lane "$corpus" & done
+wait
+tar czf "$OUT/runs.tgz" -C "$OUT" runs && rm -rf "$OUT/runs"
+echo "done in $(( $(date +%s) - start )) s"
