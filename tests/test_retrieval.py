@@ -193,6 +193,10 @@ def test_retrieval_methods_refuse_what_they_cannot_do(tmp_path, tiny, capsys):
     assert main(["run", "--method", "nn", "--task", "text", "--no-tracking", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--data-space" in err[0]
+    # --steps is refused before the model loads (here: loading would fail)
+    task.load_model = lambda: pytest.fail("the model was loaded before --steps was refused")
+    with pytest.raises(TTAError, match="--steps must be 1"):
+        tta_bench.run(task, get_method("nn"), Protocol(lrs=(1e-3,), steps=2), RunOptions(progress=False, track=False))
 
 
 def test_the_packaged_minilm_embeds_to_unit_length_and_ranks_by_meaning(tiny):

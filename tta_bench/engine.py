@@ -56,6 +56,12 @@ class Protocol:
         return (self.steps == 1 and self.optimizer == "sgd" and self.momentum == 0
                 and self.weight_decay == 0)
 
+    def check(self, method: Method) -> None:
+        """What this protocol cannot do with `method`, as one TTAError (checked before any model loads)."""
+        if method.selects and self.steps != 1:
+            raise TTAError(f"method {method.name} takes one step on each input it selects (set how many with "
+                           f"its hyperparameters), so --steps must be 1, got {self.steps}")
+
     def make_optimizer(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
         if self.optimizer == "adam":
             return torch.optim.Adam(params, lr=lr, weight_decay=self.weight_decay)
@@ -111,9 +117,7 @@ class Adapter:
         self.augmenter, self.evaluate = augmenter, evaluate  # evaluate: the prediction forward, if given
         self.data_space = data_space  # what methods that step on other data select from (Task.data_space)
         self.selects = method.selects
-        if self.selects and protocol.steps != 1:
-            raise TTAError(f"method {method.name} takes one step on each input it selects (set how many with "
-                           f"its hyperparameters), so --steps must be 1, got {protocol.steps}")
+        protocol.check(method)
         named = method.parameters(model)
         if not named:
             raise TTAError(f"method {method.name} found no parameters to adapt in this model")

@@ -293,6 +293,7 @@ def run(task: Task, method: Method, protocol: Protocol, options: RunOptions | No
     options = options or RunOptions()
     task.check()  # data and names first (before the model loads), then what they allow
     method.supports(task)
+    protocol.check(method)
     device = resolve_device(options.device)
     if options.autocast not in (None, "bf16"):
         raise TTAError(f"unknown autocast {options.autocast!r}; use bf16 (or none)")
