@@ -139,7 +139,7 @@ def test_submitit_local_executor(tmp_path):
     tta_bench.tracking.Tracker(uri, "s")  # the store exists before the jobs start
     statuses = run_submitit(folders, tmp_path / "logs", uri, "s", 200, cluster="local",
                             report=lambda *a: None, timeout_min=10)
-    assert [s["status"] for s in statuses.values()] == ["done", "done"]
+    assert [s["status"] for s in statuses.values()] == ["done", "done"], statuses
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("s")
     for job in jobs:
