@@ -22,7 +22,7 @@ from tta_bench.tracking import open_client, resolve_uri
 
 
 def rows_of(uri: str, experiment: str) -> pd.DataFrame:
-    """Every finished run's per-sample rows, with its corpus, method label and data-space info."""
+    """Every run's per-sample rows (finished or stopped early), with its corpus, method label and data-space info."""
     runs = load_runs(uri, experiment, interrupted=True)  # common_windows evens out runs stopped early
     client = open_client(resolve_uri(uri))
     frames = []
