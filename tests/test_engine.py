@@ -7,7 +7,7 @@ import torch
 
 import tta_bench
 from tta_bench import Method, Protocol, RunOptions, run
-from tta_bench.engine import Adapter
+from tta_bench.engine import Adapter, Snapshot
 from tta_bench.task import select
 
 from conftest import ToyTask, assert_bit_identical, small_cnn, state
@@ -53,6 +53,16 @@ def test_reset_is_bit_identical(protocol):
     assert_bit_identical(model, before)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_adapter_keeps_one_copy_of_theta0():
+    """θ0 (the adapted parameters and every buffer) is held once: for an LLM a second copy is
+    another model's worth of memory."""
+    model = small_cnn()
+    adapter = Adapter(model, tta_bench.get_method("ifo"), lambda m, inp: m(inp), Protocol(LRS))
+    copies = [t for v in vars(adapter).values() if isinstance(v, Snapshot) for t in v.saved]
+    expected = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    assert sum(t.numel() for t in copies) == expected
 
 
 class Exploding(Method):

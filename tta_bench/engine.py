@@ -123,8 +123,7 @@ class Adapter:
             raise TTAError(f"method {method.name} found no parameters to adapt in this model")
         self.param_names = list(named)
         self.params = list(named.values())
-        self.params_snapshot = Snapshot(self.params)
-        self.snapshot = Snapshot(self.params + [b for b in model.buffers()])
+        self.snapshot = Snapshot(self.params + [b for b in model.buffers()])  # θ0: one copy, params first
         self._flags: list[tuple[nn.Parameter, bool]] = []
 
     def __enter__(self) -> Adapter:
@@ -191,7 +190,7 @@ class Adapter:
             raise RuntimeError(f"method {self.method.name} applied {u.applied} steps in one update; "
                                "set `sweepable = False` on it")
         out.updated = True
-        pairs = [(p, s) for p, s in zip(self.params, self.params_snapshot.saved, strict=True)
+        pairs = [(p, s) for p, s in zip(self.params, self.snapshot.saved[:len(self.params)], strict=True)
                  if p.grad is not None]
         live, saved = [p for p, _ in pairs], [s for _, s in pairs]
         grads = [p.grad for p in live]
