@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from tta_bench.cli import main
+from tta_bench.provenance import source_sha256
 
 
 def run_cli(capsys, *argv):
@@ -62,6 +63,24 @@ def test_list(capsys):
 
 
 @pytest.mark.slow
+def test_source_hash_names_the_code_in_a_checkout_and_in_a_wheel_alike(tmp_path):
+    files = {"tta_bench/engine.py": "a = 1\n", "methods/focus.py": "b = 2\n", "tasks/text.py": "c = 3\n"}
+    for root, layout in (("checkout", {}), ("wheel", {"methods": "tta_bench/methods", "tasks": "tta_bench/tasks"})):
+        for name, text in files.items():
+            package, file = name.split("/")
+            path = tmp_path / root / layout.get(package, package) / file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    checkout = [tmp_path / "checkout" / p for p in ("tta_bench", "methods", "tasks")]
+    wheel = [tmp_path / "wheel" / p for p in ("tta_bench", "tta_bench/methods", "tta_bench/tasks")]
+    before = source_sha256(checkout)
+    assert before == source_sha256(wheel)
+    (tmp_path / "wheel/tta_bench/tasks/text.py").write_text("c = 4\n")  # one changed byte
+    assert source_sha256(wheel) != before
+    (tmp_path / "checkout/tasks/text.py").rename(tmp_path / "checkout/tasks/other.py")  # a renamed file
+    assert source_sha256(checkout) != before
+
+
 def test_run_end_to_end_on_the_real_task(capsys, tmp_path):
     out_dir = tmp_path / "out"
     code, out, err = run_cli(capsys, "run", "--limit", "40", "--lr", "0.02,0.5", "--out", str(out_dir),
@@ -79,6 +98,7 @@ def test_run_end_to_end_on_the_real_task(capsys, tmp_path):
     assert record["config"]["protocol"]["clip"] == 1.0 and record["config"]["sweep"] == "one-gradient"
     meta = record["metadata"]
     assert meta["versions"]["torch"] and meta["threads"] >= 1 and "git_commit" in meta
+    assert meta["source_sha256"] == source_sha256()
     assert record["config"]["options"]["seed"] == 0
     assert len(meta["task"]["data_sha256"]) == 64
     summary = pd.read_csv(out_dir / "summary.csv")

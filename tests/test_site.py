@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import tta_bench
+from tta_bench.provenance import source_sha256
 from tta_bench.leaderboard import Selection, TaskReport, build
 from tta_bench.tables import Table
 from tta_bench.site import write_site
@@ -60,6 +61,7 @@ def test_pages_tables_and_provenance(site):
         assert fields["runs"] == f"42 finished result runs; {len(CONFIGS) * 3} at the chosen learning rates"
         assert fields["lr selection"] == Selection("default").caption()
         assert fields["tta-bench"] == tta_bench.__version__ and torch.__version__.startswith(fields["torch"])
+        assert fields["source sha256"] == source_sha256()[:12]  # the code that made the runs, git or not
         assert fields["built"].startswith(f"{datetime.now(timezone.utc):%Y-%m-%d}")
         assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d to \d{4}-\d\d-\d\d \d\d:\d\d UTC", fields["runs started"])
         # nothing fetched from the network: every link and source is relative, an anchor or inline data

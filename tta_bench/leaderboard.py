@@ -27,7 +27,7 @@ METRICS = ("delta_acc", "n_fixed", "n_broken", "n_total", "n_uncertain", "frac_u
            "acc_source", "acc_adapted", "p_mcnemar", "forwards_per_sample", "backwards_per_sample",
            "samples_per_s", "bpb_source", "bpb", "bpb_change_pct", "n_bpb_nan")  # bpb: text tasks only
 PROVENANCE_TAGS = {"parent": "mlflow.parentRunId", "tta-bench": "tta_bench.version", "torch": "version.torch",
-                   "commit": "mlflow.source.git.commit"}
+                   "commit": "mlflow.source.git.commit", "source": "tta_bench.source_sha256"}
 
 
 @dataclass(frozen=True)
@@ -247,6 +247,9 @@ def provenance(task_runs: pd.DataFrame, at_lr: pd.DataFrame, origin: dict[str, s
     def distinct(column: str) -> str:
         return ", ".join(sorted({str(v) for v in task_runs[column].dropna()})) or "not recorded"
 
+    def short(column: str) -> str:  # commits and hashes, by their first 12 characters
+        return ", ".join(sorted({str(v)[:12] for v in task_runs[column].dropna()})) or "not recorded"
+
     start = pd.to_datetime(task_runs["start"], utc=True)
     return {**origin,
             "sweep parent": origin.get("sweep parent") or
@@ -254,7 +257,7 @@ def provenance(task_runs: pd.DataFrame, at_lr: pd.DataFrame, origin: dict[str, s
             "runs": f"{len(task_runs)} finished result runs; {len(at_lr)} at the chosen learning rates",
             "runs started": f"{start.min():%Y-%m-%d %H:%M} to {start.max():%Y-%m-%d %H:%M} UTC",
             "tta-bench": distinct("tta-bench"), "torch": distinct("torch"),
-            "git commit": ", ".join(sorted({str(c)[:12] for c in task_runs["commit"].dropna()})) or "not recorded"}
+            "git commit": short("commit"), "source sha256": short("source")}
 
 
 def build(uri: str | None, experiment: str, out: Path, selection: Selection, threshold: float | None = 0.16,

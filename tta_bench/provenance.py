@@ -1,12 +1,15 @@
 """Reproducibility metadata recorded with every run (lm-evaluation-harness style)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import subprocess
 import sys
+from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -36,10 +39,33 @@ def git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
+def source_sha256(folders: Iterable[Path] | None = None) -> str:
+    """sha256 of the code that runs: every .py file of tta_bench, its methods and its tasks (package
+    and file name, then content). Identifies the code where there is no git commit (an installed
+    wheel, a copy on a cluster node); the same for a checkout and the wheel built from it."""
+    if folders is None:
+        return _installed_source_sha256()
+    digest = hashlib.sha256()
+    for folder in folders:
+        for path in sorted(Path(folder).glob("*.py")):
+            digest.update(f"{Path(folder).name}/{path.name}\0".encode())
+            digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+@cache
+def _installed_source_sha256() -> str:
+    import tta_bench.methods
+    import tta_bench.tasks
+    return source_sha256([Path(__file__).parent, *map(Path, tta_bench.methods.__path__),
+                          *map(Path, tta_bench.tasks.__path__)])
+
+
 def environment(device: torch.device) -> dict:
     env = {
         "versions": package_versions(),
         "git_commit": git_commit(),
+        "source_sha256": source_sha256(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "device": str(device),

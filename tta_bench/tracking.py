@@ -299,7 +299,8 @@ def run_tags(result: Any) -> dict[str, Any]:
     meta, config = result.metadata, result.config
     tags: dict[str, Any] = {
         CONFIGURATION: configuration_label(config), METHOD: method_label(config),
-        "tta_bench.version": meta["versions"].get("tta-bench"), "seed": config["options"]["seed"],
+        "tta_bench.version": meta["versions"].get("tta-bench"), "tta_bench.source_sha256": meta.get("source_sha256"),
+        "seed": config["options"]["seed"],
         "device": meta["device"], "device_name": meta["device_name"], "threads": meta["threads"],
         "python": meta["python"], "platform": meta["platform"], "interrupted": result.interrupted,
         **{f"version.{k}": v for k, v in meta["versions"].items() if v is not None},
