@@ -131,12 +131,17 @@ def test_disk_full_fails_the_job_clearly_and_a_retry_completes(tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_submitit_local_executor(tmp_path):
+def test_submitit_local_executor(tmp_path, monkeypatch):
     jobs, _ = jobs_from_spec({"name": "s", "lr": 0.1, "limit": 10, "tasks": [{"name": "cifar10"}],
                               "methods": [{"name": "ifo"}, {"name": "entropy"}]})
     folders = prepare(tmp_path / "state", jobs, "s")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tta_bench.tracking.Tracker(uri, "s")  # the store exists before the jobs start
+    # submitted from a folder holding a broken `tta_bench` (like a checkout's partial package folder):
+    # the jobs import the sweep's package all the same
+    (tmp_path / "checkout" / "tta_bench").mkdir(parents=True)
+    (tmp_path / "checkout" / "tta_bench" / "__init__.py").write_text("raise ImportError('the checkout folder')\n")
+    monkeypatch.chdir(tmp_path / "checkout")
     statuses = run_submitit(folders, tmp_path / "logs", uri, "s", 200, cluster="local",
                             report=lambda *a: None, timeout_min=10)
     assert [s["status"] for s in statuses.values()] == ["done", "done"], statuses

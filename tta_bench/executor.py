@@ -23,6 +23,7 @@ import argparse
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -46,10 +47,10 @@ if TYPE_CHECKING:
 STATUS, CHECKPOINT, RESULT, LOCK = "status.json", "checkpoint.parquet", "result", "worker.pid"
 LOCKED = 75  # a worker's exit code when another process holds its job (EX_TEMPFAIL)
 Report = Callable[[Path, dict], None]
-# A worker imports the package its sweep runs, never a `tta_bench` folder in the working directory
-# (e.g. a checkout beside a non-editable install, whose folder lacks tasks/ and methods/): -P keeps
-# the working directory off sys.path (Python >= 3.11).
-WORKER_PYTHON = (sys.executable, *("-P",) * (sys.version_info >= (3, 11)), "-m")
+# A worker (local or submitit's) imports the package its sweep runs, never a `tta_bench` folder in
+# the working directory (e.g. a checkout beside a non-editable install, whose folder lacks tasks/
+# and methods/): -P keeps the working directory off sys.path (Python >= 3.11).
+WORKER_PYTHON = (sys.executable, *("-P",) * (sys.version_info >= (3, 11)))
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -250,7 +251,7 @@ def run_local(folders: list[Path], workers: int, tracking_uri: str | None, exper
                 env = dict(os.environ)
                 if gpus:
                     env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
-                cmd = [*WORKER_PYTHON, "tta_bench.executor", str(folder), "--experiment", experiment,
+                cmd = [*WORKER_PYTHON, "-m", "tta_bench.executor", str(folder), "--experiment", experiment,
                        "--checkpoint-every", str(checkpoint_every), "--parent", str(os.getpid())]
                 cmd += ["--tracking-uri", tracking_uri] if tracking_uri else []
                 cmd += ["--threads", str(threads)] if threads else []
@@ -310,7 +311,8 @@ def run_submitit(folders: list[Path], logs: Path, tracking_uri: str | None, expe
         import submitit
     except ImportError:
         raise TTAError("the submitit executor needs submitit: pip install submitit") from None
-    executor = submitit.AutoExecutor(folder=str(logs), cluster=cluster)
+    python = shlex.join(WORKER_PYTHON)
+    executor = submitit.AutoExecutor(folder=str(logs), cluster=cluster, slurm_python=python, local_python=python)
     executor.update_parameters(**parameters)
     n = len(folders)
     jobs = executor.map_array(submitted_job, folders, [tracking_uri] * n, [experiment] * n, [None] * n,
