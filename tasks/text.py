@@ -294,7 +294,9 @@ class Text(LanguageTask):
         lm = self.lm
         if name == "self":
             return self_embedder(lm.model, f"{self.opts.model}:{lm.info.get('source_sha256') or lm.info.get('revision')}")
-        return hf_embedder(name, lambda ids: lm.tokenizer.decode(ids.tolist()), next(lm.model.parameters()).device)
+        def text(ids: Tensor) -> str:  # the sequence's exact text (no clean-up of spaces before punctuation)
+            return lm.tokenizer.decode(ids.tolist(), clean_up_tokenization_spaces=False)
+        return hf_embedder(name, text, next(lm.model.parameters()).device)
 
     def samples(self) -> Iterator[Sample]:
         tokenizer, size, index = self.lm.tokenizer, self.opts.window, 0
