@@ -11,7 +11,7 @@ import json
 import math
 import sysconfig
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -185,9 +185,12 @@ def covered_bytes(tokenizer: Any, window: list[int], lengths: list[int] | None =
     bytes off where a character straddles the window's first or last token boundary."""
     if lengths is not None:
         return sum(lengths[t] for t in window[1:])
-    def text(ids: list[int]) -> str:
-        return tokenizer.decode(ids, clean_up_tokenization_spaces=False)
-    return len(text(window).encode()) - len(text(window[:1]).encode())
+    return len(exact_text(tokenizer, window).encode()) - len(exact_text(tokenizer, window[:1]).encode())
+
+
+def exact_text(tokenizer: Any, ids: Sequence[int] | np.ndarray) -> str:
+    """The text of token ids as they are: no clean-up of spaces before punctuation."""
+    return tokenizer.decode(list(map(int, ids)), clean_up_tokenization_spaces=False)
 
 
 class Text(LanguageTask):
@@ -294,9 +297,7 @@ class Text(LanguageTask):
         lm = self.lm
         if name == "self":
             return self_embedder(lm.model, f"{self.opts.model}:{lm.info.get('source_sha256') or lm.info.get('revision')}")
-        def text(ids: Tensor) -> str:  # the sequence's exact text (no clean-up of spaces before punctuation)
-            return lm.tokenizer.decode(ids.tolist(), clean_up_tokenization_spaces=False)
-        return hf_embedder(name, text, next(lm.model.parameters()).device)
+        return hf_embedder(name, lambda ids: exact_text(lm.tokenizer, ids), next(lm.model.parameters()).device)
 
     def samples(self) -> Iterator[Sample]:
         tokenizer, size, index = self.lm.tokenizer, self.opts.window, 0

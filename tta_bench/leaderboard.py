@@ -77,14 +77,11 @@ def load_runs(uri: str | None, experiment: str, parent: str | None = None,
         if parent:
             _check_parent(client, parent, found.experiment_id, experiment)
             result_runs += f" and tags.`mlflow.parentRunId` = '{parent}'"
-        if interrupted:  # MLflow filters a status by one value only
-            raw = _search(uri, found.experiment_id, result_runs)
-            raw = raw[raw["status"].isin(["FINISHED", "KILLED"])] if len(raw) else raw
-        else:
-            raw = _search(uri, found.experiment_id, f"{result_runs} and attributes.status = 'FINISHED'")
-        if raw.empty:
-            others = _search(uri, found.experiment_id, result_runs)  # e.g. interrupted (KILLED) ones
-            counts = others["status"].value_counts().items() if len(others) else []
+        every = _search(uri, found.experiment_id, result_runs)  # MLflow filters a status by one value only
+        counted = ["FINISHED", "KILLED"] if interrupted else ["FINISHED"]
+        raw = every[every["status"].isin(counted)] if len(every) else every
+        if raw.empty:  # say what there is instead, e.g. interrupted (KILLED) runs
+            counts = every["status"].value_counts().items() if len(every) else []
             states = ", ".join(f"{n} {status.lower()}" for status, n in counts)
             raise TTAError(f"no finished tta-bench runs in experiment {experiment!r} at {store}"
                            + (f" under parent run {parent}" if parent else "")
@@ -244,11 +241,8 @@ def task_report(task: str, task_runs: pd.DataFrame, main: pd.DataFrame, chosen: 
 
 def provenance(task_runs: pd.DataFrame, at_lr: pd.DataFrame, origin: dict[str, str]) -> dict[str, str]:
     """Where a task's numbers come from: the store selection (origin) and the runs' own tags."""
-    def distinct(column: str) -> str:
-        return ", ".join(sorted({str(v) for v in task_runs[column].dropna()})) or "not recorded"
-
-    def short(column: str) -> str:  # commits and hashes, by their first 12 characters
-        return ", ".join(sorted({str(v)[:12] for v in task_runs[column].dropna()})) or "not recorded"
+    def distinct(column: str, width: int | None = None) -> str:  # width: commits and hashes, shortened
+        return ", ".join(sorted({str(v)[:width] for v in task_runs[column].dropna()})) or "not recorded"
 
     start = pd.to_datetime(task_runs["start"], utc=True)
     return {**origin,
@@ -257,7 +251,7 @@ def provenance(task_runs: pd.DataFrame, at_lr: pd.DataFrame, origin: dict[str, s
             "runs": f"{len(task_runs)} finished result runs; {len(at_lr)} at the chosen learning rates",
             "runs started": f"{start.min():%Y-%m-%d %H:%M} to {start.max():%Y-%m-%d %H:%M} UTC",
             "tta-bench": distinct("tta-bench"), "torch": distinct("torch"),
-            "git commit": short("commit"), "source sha256": short("source")}
+            "git commit": distinct("commit", 12), "source sha256": distinct("source", 12)}
 
 
 def build(uri: str | None, experiment: str, out: Path, selection: Selection, threshold: float | None = 0.16,
