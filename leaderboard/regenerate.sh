@@ -2,8 +2,8 @@
 # Regenerate leaderboard/ from the runs of sweeps/corruptions.toml (the image corruption benchmark)
 # and sweeps/embedded.toml (text, multiple choice), offline on CPU, logged to one store.
 # Resumable: finished jobs are skipped, interrupted ones resume (see sweeps/README.md).
-# Cost on this kind of 2-core machine: about 3 h for the 630 image jobs with WORKERS=2 (measured
-# per job, see leaderboard/README.md), hours more for text and MC.
+# Cost on this kind of 2-core machine with WORKERS=2: about 5.4 h for the 630 image jobs (measured,
+# see leaderboard/README.md), about 1.5 h more for text and MC.
 #   bash leaderboard/regenerate.sh
 #   WORKERS=2 bash leaderboard/regenerate.sh
 set -euo pipefail

@@ -15,6 +15,7 @@ import torch
 import tta_bench
 from tta_bench.provenance import source_sha256
 from tta_bench.leaderboard import Selection, TaskReport, build
+from tta_bench.leaderboard import provenance as provenance_of
 from tta_bench.tables import Table
 from tta_bench.site import write_site
 
@@ -57,7 +58,7 @@ def test_pages_tables_and_provenance(site):
     for text in (index, page):
         fields = provenance(text)
         assert fields["experiment"] == "lb" and fields["threshold"] == "d = 0.16"
-        assert fields["sweep parent"] == "all runs of the experiment (under 14 parent run(s))"
+        assert fields["sweep parent"] == "all runs of the experiment (under 14 parent runs)"
         assert fields["runs"] == f"42 finished result runs; {len(CONFIGS) * 3} at the chosen learning rates"
         assert fields["lr selection"] == Selection("default").caption()
         assert fields["tta-bench"] == tta_bench.__version__ and torch.__version__.startswith(fields["torch"])
@@ -79,6 +80,16 @@ def test_provenance_names_the_sweep_parent(tmp_path):
     fields = provenance((tmp_path / "site" / "toy.html").read_text())
     assert fields["sweep parent"] == parent
     assert fields["runs"] == f"{len(LRS)} finished result runs; 1 at the chosen learning rates"
+
+
+@pytest.mark.parametrize("parents, said", [
+    ([None, None], "all runs of the experiment, none under a parent run"),  # one-lr sweep jobs
+    (["a", "a"], "all runs of the experiment (under 1 parent run)"),
+    (["a", "b"], "all runs of the experiment (under 2 parent runs)")])
+def test_provenance_counts_parent_runs_in_words(parents, said):
+    runs = pd.DataFrame({"parent": parents, "start": [0, 0], "tta-bench": "0", "torch": "2",
+                         "commit": None, "source": None})
+    assert provenance_of(runs, runs, {})["sweep parent"] == said
 
 
 def test_every_value_is_escaped(tmp_path):

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 import tta_bench
-from tta_bench import Protocol, RunOptions, TTAError
+from tta_bench import Protocol, RunOptions, TTAError, checkpoint
 from tta_bench.cli import main
 from tta_bench.executor import prepare, run_job, run_submitit
 from tta_bench.sweep import expand, jobs_from_spec, load_spec, run_parts
@@ -110,6 +111,28 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
     _same_results(full, resumed)
     with pytest.raises(TTAError, match="belongs to another configuration"):
         tta_bench.run(ToyTask(), method, Protocol((1e-3,)), options)
+
+
+def test_resume_from_an_older_versions_checkpoint(tmp_path):
+    """A checkpoint written before a column existed (select_seconds) and with one no longer
+    recorded resumes: the new column is filled in the old rows, the results are unchanged."""
+    method, protocol = tta_bench.get_method("ifo"), Protocol((1e-2, 1e-1))
+    full = tta_bench.run(ToyTask(), method, protocol, RunOptions(progress=False, track=False))
+    ck = tmp_path / "checkpoint.parquet"
+    options = RunOptions(progress=False, track=False, checkpoint=ck, checkpoint_every=5)
+    with pytest.raises(RuntimeError, match="worker died"):
+        tta_bench.run(CrashingToy(), method, protocol, options)
+    fingerprint = json.loads(pq.read_schema(ck).metadata[checkpoint.META])["fingerprint"]
+    older = checkpoint.load(ck, fingerprint)
+    n_old = len(older.rows)
+    older.rows = older.rows.drop(columns="select_seconds").assign(dropped_since=1.0)
+    checkpoint.save(ck, older, fingerprint)
+    resumed = tta_bench.run(ToyTask(), method, protocol, options)
+    rows = resumed.rows
+    assert rows["select_seconds"].notna().all() and (rows["select_seconds"][:n_old] == 0.0).all()
+    assert (rows["dropped_since"][:n_old] == 1.0).all() and rows["dropped_since"][n_old:].isna().all()
+    resumed.rows = rows.drop(columns="dropped_since")
+    _same_results(full, resumed)
 
 
 def test_disk_full_fails_the_job_clearly_and_a_retry_completes(tmp_path, monkeypatch):

@@ -245,9 +245,10 @@ def provenance(task_runs: pd.DataFrame, at_lr: pd.DataFrame, origin: dict[str, s
         return ", ".join(sorted({str(v)[:width] for v in task_runs[column].dropna()})) or "not recorded"
 
     start = pd.to_datetime(task_runs["start"], utc=True)
+    parents = task_runs["parent"].nunique()  # learning-rate sweeps; one-lr runs have none
     return {**origin,
-            "sweep parent": origin.get("sweep parent") or
-            f"all runs of the experiment (under {task_runs['parent'].nunique()} parent run(s))",
+            "sweep parent": origin.get("sweep parent") or "all runs of the experiment" +
+            (f" (under {parents} parent run{'s' * (parents > 1)})" if parents else ", none under a parent run"),
             "runs": f"{len(task_runs)} finished result runs; {len(at_lr)} at the chosen learning rates",
             "runs started": f"{start.min():%Y-%m-%d %H:%M} to {start.max():%Y-%m-%d %H:%M} UTC",
             "tta-bench": distinct("tta-bench"), "torch": distinct("torch"),

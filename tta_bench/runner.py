@@ -212,6 +212,10 @@ def source_pass(task: Task, model: torch.nn.Module, samples: Iterable[Sample], b
                 i += 1
 
 
+# Columns added since a checkpoint may have been written, with their value in its rows.
+OLDER_ROWS = {"select_seconds": 0.0}  # older versions chose no data to step on
+
+
 class Recorder:
     """Per-sample rows (DESIGN §2 step 6), one per learning rate, kept as columns; with the task's
     per-sample `metrics` (text: bpb), `<name>_source` at θ0 and `<name>` after adaptation."""
@@ -219,6 +223,7 @@ class Recorder:
     def __init__(self, lrs: tuple[float, ...], metrics: tuple[str, ...] = ()):
         self.lrs, self.metrics = lrs, metrics
         self.cols: dict[str, list] = defaultdict(list)
+        self.resumed: set[str] = set()  # the columns of a resumed checkpoint
 
     def add(self, s: Scored, uncertain: bool, a: Adaptation | None, seconds: float,
             source: dict[str, float] | None = None) -> None:
@@ -250,16 +255,25 @@ class Recorder:
                 self.cols[key].append(value)
 
     def extend(self, rows: pd.DataFrame) -> None:
-        """Rows recorded earlier (a resumed run; metric columns it lacks are NaN)."""
+        """Rows recorded earlier: a resumed run's checkpoint, before any `add`. It may come from an
+        older version with fewer columns; `frame` fills them in those rows."""
+        self.resumed = set(rows.columns)
         for key in rows.columns:
             self.cols[key].extend(rows[key].tolist())
         for name in self.metrics:
-            for key in (f"{name}_source", name):
-                if key not in rows.columns:
-                    self.cols[key].extend([math.nan] * len(rows))
+            self.cols.setdefault(f"{name}_source", [])
+            self.cols.setdefault(name, [])
 
     def frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.cols)
+        """Every column as long as the longest: a column the checkpoint lacks gets, in its rows, the
+        value the older version implied (`OLDER_ROWS`) or NaN; one this version no longer records,
+        NaN in the new rows."""
+        n = max(map(len, self.cols.values()), default=0)
+
+        def full(key: str, values: list) -> list:
+            pad = [OLDER_ROWS.get(key, math.nan)] * (n - len(values))
+            return values + pad if key in self.resumed else pad + values
+        return pd.DataFrame({key: full(key, values) for key, values in self.cols.items()})
 
 
 @contextmanager
