@@ -17,6 +17,7 @@ import pytest
 import tta_bench
 from tta_bench import Protocol, RunOptions, RunResult
 from tta_bench.cli import main
+from tta_bench.leaderboard import _search as search_store
 from tta_bench.runner import TrackingWarning
 from tta_bench.tracking import CONFIGURATION, KEY, KIND, METHOD, Tracker
 
@@ -54,11 +55,20 @@ def test_sweep_is_a_parent_with_one_child_per_lr(toy_task, tmp_path):
 
 
 def _search(uri: str, experiment: str) -> pd.DataFrame:
-    mlflow.set_tracking_uri(uri)
-    try:
-        return mlflow.search_runs(experiment_names=[experiment])
-    finally:
-        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    """Every run of `experiment` in the store at `uri`; the global tracking URI and
+    $MLFLOW_TRACKING_URI are left as they were (later tests in this process use them)."""
+    experiment_id = mlflow.MlflowClient(uri).get_experiment_by_name(experiment).experiment_id
+    return search_store(uri, experiment_id, "")
+
+
+def test_searching_another_store_leaves_the_tracking_uri_alone(toy_task, tmp_path):
+    """A search of another store must not redirect the runs made afterwards in this process."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tta_bench.run(toy_task, tta_bench.get_method("entropy"), Protocol((0.05,)),
+                  RunOptions(progress=False, tracking_uri=uri))
+    before = os.environ["MLFLOW_TRACKING_URI"], mlflow.get_tracking_uri()
+    assert len(_search(uri, "tta-bench")) == 1
+    assert (os.environ["MLFLOW_TRACKING_URI"], mlflow.get_tracking_uri()) == before != (uri, uri)
 
 
 def test_single_lr_is_one_run_and_logging_again_is_a_no_op(toy_task, tmp_path):
