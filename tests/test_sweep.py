@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import tta_bench
-from tta_bench import Protocol, RunOptions, TTAError, checkpoint
+from tta_bench import Protocol, RunOptions, RunResult, TTAError, checkpoint
 from tta_bench.cli import main
 from tta_bench.executor import prepare, run_job, run_submitit
 from tta_bench.sweep import expand, jobs_from_spec, load_spec, run_parts
@@ -96,38 +96,43 @@ def _same_results(a, b):
         assert {k: v for k, v in sa.items() if k not in TIMING} == {k: v for k, v in sb.items() if k not in TIMING}
 
 
-def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
-    method, protocol = tta_bench.get_method("ifo"), Protocol((1e-2, 1e-1))
-    full = tta_bench.run(ToyTask(), method, protocol, RunOptions(progress=False, track=False))
-    ck = tmp_path / "checkpoint.parquet"
+RESUME = tta_bench.get_method("ifo"), Protocol((1e-2, 1e-1))  # the method and protocol of the resume tests
+
+
+def _run_crashed_midway(ck: Path) -> tuple[RunResult, RunOptions]:
+    """The uninterrupted run's result, and the options of a run (checkpointing to `ck`) that
+    crashed at sample 23 (RESUME's method and protocol; resuming with them completes it)."""
+    full = tta_bench.run(ToyTask(), *RESUME, RunOptions(progress=False, track=False))
     options = RunOptions(progress=False, track=False, checkpoint=ck, checkpoint_every=5)
     with pytest.raises(RuntimeError, match="worker died"):
-        tta_bench.run(CrashingToy(), method, protocol, options)
+        tta_bench.run(CrashingToy(), *RESUME, options)
+    return full, options
+
+
+def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
+    ck = tmp_path / "checkpoint.parquet"
+    full, options = _run_crashed_midway(ck)
     saved = pd.read_parquet(ck)
     n_saved = len(saved) // 2  # two lrs per sample
     assert 5 <= n_saved < 23 and list(saved["index"][::2]) == list(range(n_saved))
-    resumed = tta_bench.run(ToyTask(), method, protocol, options)
+    resumed = tta_bench.run(ToyTask(), *RESUME, options)
     assert resumed.metadata["resumed_from_sample"] == n_saved
     _same_results(full, resumed)
     with pytest.raises(TTAError, match="belongs to another configuration"):
-        tta_bench.run(ToyTask(), method, Protocol((1e-3,)), options)
+        tta_bench.run(ToyTask(), RESUME[0], Protocol((1e-3,)), options)
 
 
 def test_resume_from_an_older_versions_checkpoint(tmp_path):
     """A checkpoint written before a column existed (select_seconds) and with one no longer
     recorded resumes: the new column is filled in the old rows, the results are unchanged."""
-    method, protocol = tta_bench.get_method("ifo"), Protocol((1e-2, 1e-1))
-    full = tta_bench.run(ToyTask(), method, protocol, RunOptions(progress=False, track=False))
     ck = tmp_path / "checkpoint.parquet"
-    options = RunOptions(progress=False, track=False, checkpoint=ck, checkpoint_every=5)
-    with pytest.raises(RuntimeError, match="worker died"):
-        tta_bench.run(CrashingToy(), method, protocol, options)
+    full, options = _run_crashed_midway(ck)
     fingerprint = json.loads(pq.read_schema(ck).metadata[checkpoint.META])["fingerprint"]
     older = checkpoint.load(ck, fingerprint)
     n_old = len(older.rows)
     older.rows = older.rows.drop(columns="select_seconds").assign(dropped_since=1.0)
     checkpoint.save(ck, older, fingerprint)
-    resumed = tta_bench.run(ToyTask(), method, protocol, options)
+    resumed = tta_bench.run(ToyTask(), *RESUME, options)
     rows = resumed.rows
     assert rows["select_seconds"].notna().all() and (rows["select_seconds"][:n_old] == 0.0).all()
     assert (rows["dropped_since"][:n_old] == 1.0).all() and rows["dropped_since"][n_old:].isna().all()
