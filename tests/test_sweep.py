@@ -122,6 +122,23 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
         tta_bench.run(ToyTask(), RESUME[0], Protocol((1e-3,)), options)
 
 
+def test_slow_samples_are_checkpointed_by_time_too(tmp_path):
+    """Samples that take minutes (text) are checkpointed every checkpoint_seconds, not only
+    every checkpoint_every samples: at 0 s after every sample, as checkpoint_every=1 does."""
+    def crash(name: str, every: int, seconds: float) -> Path:
+        ck = tmp_path / name
+        options = RunOptions(progress=False, track=False, checkpoint=ck, checkpoint_every=every,
+                             checkpoint_seconds=seconds)
+        with pytest.raises(RuntimeError, match="worker died"):
+            tta_bench.run(CrashingToy(), *RESUME, options)
+        return ck
+    assert not crash("never.parquet", 10**6, 1e9).exists()  # a crash before any checkpoint loses all
+    by_time, by_count = pd.read_parquet(crash("time.parquet", 10**6, 0)), pd.read_parquet(crash("count.parquet", 1, 1e9))
+    assert len(by_time) >= 2 * 10 and list(by_time["index"]) == list(by_count["index"])
+    with pytest.raises(TTAError, match="checkpoint seconds must be finite and >= 0"):
+        RunOptions(checkpoint_seconds=float("nan"))
+
+
 def test_resume_from_an_older_versions_checkpoint(tmp_path):
     """A checkpoint written before a column existed (select_seconds) and with one no longer
     recorded resumes: the new column is filled in the old rows, the results are unchanged."""

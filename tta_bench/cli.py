@@ -160,7 +160,7 @@ def build_parser() -> Parser:
     sw.add_argument("--timeout-min", type=int, default=60 * 24, help="submitit: minutes per job")
     sw.add_argument("--gpus-per-job", type=int, default=0, help="submitit: GPUs per job")
     sw.add_argument("--state", type=Path, help="state folder (default sweeps-state/NAME)")
-    sw.add_argument("--checkpoint-every", type=int, default=200, help="samples between checkpoints (default 200)")
+    sw.add_argument("--checkpoint-every", type=int, default=200, help="samples between checkpoints (default 200; and at most 5 minutes between them)")
     sw.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     sw.add_argument("--experiment", help="MLflow experiment (default: the spec's experiment, else its name)")
     return parser

@@ -122,6 +122,7 @@ class RunOptions:
     experiment: str = DEFAULT_EXPERIMENT
     checkpoint: Path | None = None  # per-sample rows saved here as the run goes; resumed if present
     checkpoint_every: int = 200  # samples between checkpoint writes
+    checkpoint_seconds: float = 300.0  # and at most this long between them (slow samples, e.g. text)
     adapt_block: int | None = None  # uncertain samples adapted at once (vmap); None: blocks on CUDA only
     max_memory: int | None = None  # bytes for one block; None: a share of the free device memory (BlockSizer)
     autocast: str | None = None  # "bf16": bfloat16 autocast for every forward (CUDA only)
@@ -132,6 +133,8 @@ class RunOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise TTAError(f"{name.replace('_', ' ')} must be >= 1, got {value}")
+        if not 0 <= self.checkpoint_seconds < math.inf:
+            raise TTAError(f"checkpoint seconds must be finite and >= 0, got {self.checkpoint_seconds}")
         if not 0 <= self.seed < 2**32:  # what numpy and torch accept
             raise TTAError(f"seed must be in 0 .. 2**32 - 1, got {self.seed}")
 
@@ -377,7 +380,7 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
         recorder.extend(done.rows)
     n_seen, n_uncertain = (done.n_seen, done.n_uncertain) if done else (0, 0)
     skipped: list[dict] = list(done.skipped) if done else []  # unreadable samples passed over
-    prior_wall, last_saved = (done.wall if done else 0.0), n_seen
+    prior_wall, last_saved, saved_at = (done.wall if done else 0.0), n_seen, perf_counter()
     total = task.num_samples()
     if options.limit is not None:
         total = min(total, options.limit) if total is not None else options.limit
@@ -441,9 +444,11 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
                 queued += uncertain
                 if queued - n_uncertain >= block:
                     adapt_pending()
-                if options.checkpoint and n_seen - last_saved >= options.checkpoint_every:
+                if options.checkpoint and n_seen > last_saved and (
+                        n_seen - last_saved >= options.checkpoint_every
+                        or perf_counter() - saved_at >= options.checkpoint_seconds):
                     save_progress()
-                    last_saved = n_seen
+                    last_saved, saved_at = n_seen, perf_counter()
                 if options.max_uncertain is not None and queued >= options.max_uncertain:
                     break
             adapt_pending()
