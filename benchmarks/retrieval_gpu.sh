@@ -7,12 +7,14 @@
 #   tar xzf runs.tgz && tta-bench sync runs --tracking-uri URI --experiment tta-bench-retrieval-gpu
 #   python benchmarks/retrieval_report.py --experiment tta-bench-retrieval-gpu --tracking-uri URI
 # Settings (environment): N (sequences per window, 8), WINDOWS (200), SEQ_LEN (64),
-# SPACE_SIZE (10000), EMBEDDER (all-minilm-l6-v2), DEADLINE_S (420), CORPORA, METHODS.
+# SPACE_SIZE (10000), EMBEDDER (all-minilm-l6-v2), DEADLINE_S (420), CORPORA, METHODS, LANES
+# (corpus: one lane per corpus, its methods in turn; job: every corpus x method at once, 1 thread each).
 set -uo pipefail
 OUT=${OUT:-retrieval-gpu}
 N=${N:-8}; WINDOWS=${WINDOWS:-200}; DEADLINE_S=${DEADLINE_S:-420}
 CORPORA=${CORPORA:-"shakespeare python-stdlib licenses"}
 METHODS=${METHODS:-"none nn sift ifo input-ft nn-f random"}  # most wanted first
+LANES=${LANES:-corpus}; [[ $LANES == job ]] && THREADS=${THREADS:-1}
 TASK=(--task text --data-space split --seq-len "${SEQ_LEN:-64}" --data-space-size "${SPACE_SIZE:-10000}"
       --embedding-model "${EMBEDDER:-all-minilm-l6-v2}" --gate none --max-uncertain "$WINDOWS" --no-tracking --no-progress --threads "${THREADS:-4}")
 export TTA_BENCH_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -36,12 +38,24 @@ lane() {  # every method on one corpus, in order, until the deadline
   done
 }
 
-# The model and embedder caches are filled once, by one process, before the lanes share them.
-timeout 300 tta-bench run "${TASK[@]}" --corpus "${CORPORA%% *}" --method nn -H n_select=1 --limit 1 \
-  --out /tmp/retrieval-warm-up --overwrite >"$OUT/warm-up.log" 2>&1
-rc=$?
-echo "caches filled: exit $rc ($(( $(date +%s) - start )) s)"
-for corpus in $CORPORA; do lane "$corpus" & done
+# The model and embedder caches are filled once, by one process, then each corpus's data space by
+# one process per corpus, before the lanes share them.
+warm_up() {
+  timeout 300 tta-bench run "${TASK[@]}" --corpus "$1" --method nn -H n_select=1 --limit 1 \
+    --out "/tmp/retrieval-warm-up-$1" --overwrite >"$OUT/warm-up-$1.log" 2>&1
+  echo "caches filled for $1: exit $? ($(( $(date +%s) - start )) s)"
+}
+first=${CORPORA%% *}
+warm_up "$first"
+for corpus in $CORPORA; do [[ $corpus == "$first" ]] || warm_up "$corpus" & done
+wait
+if [[ $LANES == job ]]; then
+  for corpus in $CORPORA; do for method in $METHODS; do
+    job "$corpus" "$method" $(( start + DEADLINE_S - $(date +%s) )) &
+  done; done
+else
+  for corpus in $CORPORA; do lane "$corpus" & done
+fi
 wait
 tar czf "$OUT/runs.tgz" -C "$OUT" runs && rm -rf "$OUT/runs"
 echo "done in $(( $(date +%s) - start )) s"

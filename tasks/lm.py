@@ -89,13 +89,28 @@ def weights_cache(name: str, source: Path, fill: Callable[[Path], None]) -> Path
 
 def replace_folder(folder: Path, fill: Callable[[Path], None]) -> None:
     """`fill` writes a fresh temporary folder beside `folder`, which then replaces it: a crash
-    leaves the old folder or none, never a half-written one."""
+    leaves the old folder or none, never a half-written one. Processes filling the same absent
+    folder at once (a sweep's workers on one corpus) race safely: the first rename wins, and a
+    loser, whose copy is the same, discards its own rather than pull the winner's from under a
+    reader."""
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    existed = folder.exists()
     fill(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    if existed:  # a stale or corrupt copy: set it aside (one atomic rename), then put ours in place
+        stale = folder.with_name(folder.name + f".stale{os.getpid()}")
+        try:
+            folder.rename(stale)
+        except FileNotFoundError:  # another process already set it aside
+            pass
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        tmp.rename(folder)  # atomic; fails if another process's copy is already there
+    except OSError:
+        if not folder.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _dequantize(gguf: Path, folder: Path) -> None:

@@ -167,3 +167,22 @@ def test_real_smollm2_text_and_mc_runs(smol, tmp_path):
     assert set(meta["letter_token_ids"]) >= {"A", "B"}
     r.save(tmp_path)
     assert (tmp_path / "samples.parquet").exists()
+
+
+def test_cache_folder_filled_by_two_processes_at_once_keeps_the_first(tmp_path):
+    """Two sweep workers building one cache: the loser's rename fails, it keeps the winner's copy
+    (which a reader may already hold) and leaves no temporary folder; a stale copy is replaced."""
+    folder = tmp_path / "cache" / "space"
+
+    def fill_while_another_wins(tmp):
+        (tmp / "who").write_text("loser")
+        folder.mkdir(parents=True)  # the other process renames its copy into place meanwhile
+        (folder / "who").write_text("winner")
+
+    lm_module.replace_folder(folder, fill_while_another_wins)
+    assert (folder / "who").read_text() == "winner"
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["space"]
+
+    lm_module.replace_folder(folder, lambda tmp: (tmp / "who").write_text("fresh"))  # stale copy
+    assert (folder / "who").read_text() == "fresh"
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["space"]
