@@ -156,6 +156,24 @@ def test_existing_out_is_refused_unless_overwrite(capsys, tmp_path):
     assert code == 2 and "--out" in err and "is a file" in err and one_line(err)
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--resume"], "--resume needs --out FOLDER"),
+    (["--resume", "--overwrite", "--out", "o"], "pass one"),
+    (["--resume", "--out", "o"], "holds no checkpoint to resume (no run)"),
+    (["--resume", "--out", "finished"], "holds no checkpoint to resume (a finished run"),
+    (["--out", "stopped"], "holds a run that stopped early; pass --resume"),
+])
+def test_resume_flags_are_checked_before_any_work(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    Path("finished").mkdir()
+    Path("finished/run.json").write_text("{}")
+    Path("stopped").mkdir()
+    Path("stopped/checkpoint.parquet").write_text("")
+    code, _, err = run_cli(capsys, "run", "--no-tracking", *argv)
+    assert code == 2 and message in err and one_line(err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["finished", "stopped"]
+
+
 @pytest.fixture
 def imagenet_dir(tmp_path) -> Path:
     """An ImageNet val layout: 2 synsets × 3 JPEGs, the second image of the first one truncated."""
@@ -258,6 +276,33 @@ def test_signal_mid_run_keeps_finished_samples(tmp_path, signum):
     assert record["interrupted"] and 0 < n < 400
     runs = _finished_runs(tmp_path)
     assert [r.info.status for r in runs] == ["KILLED"]  # logged, never as a finished result
+
+
+def test_a_stopped_run_resumes_with_resume_and_equals_an_uninterrupted_one(tmp_path):
+    out, argv = tmp_path / "o", ("--no-tracking", "--limit", "150")
+    proc = _toy_cli(tmp_path, 0.02, "later", "--out", str(out), *argv)
+    _wait_for(tmp_path / "mark", proc)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and f"--resume --out {out}" in err, err
+    n = len(pd.read_parquet(out / "samples.parquet"))
+    assert 0 < n < 150 and (out / "checkpoint.parquet").is_file()
+
+    again = _toy_cli(tmp_path, 0, "later", "--out", str(out), *argv)  # forgot --resume
+    assert again.wait(120) == 2 and "pass --resume to continue it" in again.communicate()[1]
+    resumed = _toy_cli(tmp_path, 0, "later", "--out", str(out), "--resume", *argv)
+    _, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    record = json.loads((out / "run.json").read_text())
+    assert not record["interrupted"] and record["metadata"]["resumed_from_sample"] == n
+    assert not (out / "checkpoint.parquet").exists()  # the finished run's rows are samples.parquet
+
+    whole = _toy_cli(tmp_path, 0, "later", "--out", str(tmp_path / "whole"), *argv)
+    assert whole.wait(120) == 0
+    rows, expected = (pd.read_parquet(p / "samples.parquet").drop(columns=["seconds", "select_seconds"])
+                      for p in (out, tmp_path / "whole"))
+    pd.testing.assert_frame_equal(rows, expected)
 
 
 def test_interrupt_before_the_first_sample_saves_and_logs_nothing(tmp_path):

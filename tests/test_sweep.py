@@ -118,7 +118,7 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
     resumed = tta_bench.run(ToyTask(), *RESUME, options)
     assert resumed.metadata["resumed_from_sample"] == n_saved
     _same_results(full, resumed)
-    with pytest.raises(TTAError, match="belongs to another configuration"):
+    with pytest.raises(TTAError, match="written by a run of another configuration"):
         tta_bench.run(ToyTask(), RESUME[0], Protocol((1e-3,)), options)
 
 

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from .errors import TTAError
 
 META = b"tta_bench"
+FILE = "checkpoint.parquet"  # its name in a run's or a sweep job's folder
 
 
 @dataclass
@@ -37,6 +38,7 @@ def save(path: Path, progress: Progress, fingerprint: str) -> None:
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """`write` fills a temporary file beside `path`, which then replaces `path` in one rename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)  # a run's --out is made when it has rows to keep
     write(tmp)
     os.replace(tmp, path)
 
@@ -50,6 +52,7 @@ def load(path: Path, fingerprint: str) -> Progress | None:
     except (OSError, KeyError, ValueError, pa.ArrowException) as err:
         raise TTAError(f"checkpoint {path} is unreadable ({err}); delete it to start this run over") from None
     if meta["fingerprint"] != fingerprint:
-        raise TTAError(f"checkpoint {path} belongs to another configuration; delete it or choose "
-                       f"another checkpoint path")
+        raise TTAError(f"checkpoint {path} was written by a run of another configuration (task, method, "
+                       f"hyperparameters, protocol, limits or seed differ); resume with the stopped run's "
+                       f"settings, or delete it to start over")
     return Progress(table.to_pandas(), meta["n_seen"], meta["n_uncertain"], meta["wall"], meta.get("skipped", []))

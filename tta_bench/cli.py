@@ -14,6 +14,7 @@ from typing import NoReturn, Sequence
 import torch
 
 from .engine import LR_GRIDS, OPTIMIZERS, Protocol
+from .checkpoint import FILE as CHECKPOINT
 from .errors import TTAError
 from .hparams import parse_assignments
 from .registry import get_method, get_task, list_methods, list_tasks, method_class, task_class
@@ -110,6 +111,10 @@ def build_parser() -> Parser:
     r.add_argument("--out", type=Path, help="output folder (default runs/TASK-METHOD-TIME)")
     r.add_argument("--overwrite", action="store_true", help="replace the results in an --out folder "
                    "that already holds a run")
+    r.add_argument("--resume", action="store_true", help="continue the run that stopped early (Ctrl-C, "
+                   "SIGTERM, a deadline, a crash) in --out: the samples it finished are kept (they were "
+                   "checkpointed there), the scan goes on after them; run the stopped run's command again "
+                   "with --resume (--device and --threads may change)")
     r.add_argument("--skip-unreadable", action="store_true", help="skip samples whose data cannot be "
                    "read (e.g. a corrupt image; each one is recorded in run.json) instead of stopping")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -184,31 +189,57 @@ def cmd_run(args: argparse.Namespace) -> int:
                         steps=args.steps, clip=args.clip, optimizer=args.optimizer or method.default_optimizer,
                         momentum=args.momentum, weight_decay=args.weight_decay)
     out = args.out or default_out(task, method)
-    if (out / "run.json").exists() and not args.overwrite:
-        raise TTAError(f"--out {out} already holds a run (run.json); choose another folder, or pass "
-                       "--overwrite to replace it")
-    _check_writable(out)
+    ckpt = _checkpoint_in(out, args.resume, args.overwrite, args.out is not None)
     options = RunOptions(limit=args.limit, max_uncertain=args.max_uncertain, batch_size=args.batch_size,
                          seed=args.seed, device=args.device, tf32=args.tf32,
                          progress=not args.no_progress, out=out, track=not args.no_tracking,
                          adapt_block=args.adapt_block, autocast=args.autocast,
                          max_memory=int(args.max_memory * 2**30) if args.max_memory else None,
                          tracking_uri=args.tracking_uri, experiment=args.experiment,
-                         skip_unreadable=args.skip_unreadable)
+                         skip_unreadable=args.skip_unreadable, checkpoint=ckpt)
     with sigterm_as_interrupt():  # `timeout`, Slurm, docker stop: keep what finished, as Ctrl-C does
         result = run(task, method, protocol, options)
     if result.interrupted and result.rows.empty:
         print("interrupted before the first sample finished: nothing was saved or logged", file=sys.stderr)
         return 130
+    if not result.interrupted:
+        ckpt.unlink(missing_ok=True)  # samples.parquet holds the finished run's rows
     print(f"{task.name} · {method!r} · {result.config['sweep']} sweep · d={protocol.threshold}")
     print(result.table())
     print(f"per-sample rows: {out / 'samples.parquet'}")
     if result.tracking:
         print(f"MLflow run: {result.tracking} (experiment {args.experiment})")
     if result.interrupted:
-        print("interrupted: the rows above cover the samples finished before Ctrl-C", file=sys.stderr)
+        print("interrupted: the rows above cover the samples finished before Ctrl-C; run the same command "
+              f"with --resume --out {out} to continue", file=sys.stderr)
         return 130
     return 0
+
+
+def _checkpoint_in(out: Path, resume: bool, overwrite: bool, named: bool) -> Path:
+    """The checkpoint a run in `out` writes as it goes, after checking that the folder fits the
+    flags: --resume needs a stopped run's checkpoint there, a fresh run an empty folder (or
+    --overwrite, which discards the old run's checkpoint too)."""
+    ckpt = out / CHECKPOINT
+    if resume and overwrite:
+        raise TTAError("--resume continues the run in --out and --overwrite starts it over; pass one")
+    if resume and not named:
+        raise TTAError("--resume needs --out FOLDER, the folder of the run to continue")
+    if resume and not ckpt.is_file():
+        why = "a finished run, or one stopped before its first checkpoint" if (out / "run.json").exists() \
+            else "no run"
+        raise TTAError(f"--out {out} holds no checkpoint to resume ({why}); run without --resume, "
+                       "with --overwrite if the folder holds a run")
+    if not resume and not overwrite and ckpt.is_file():
+        raise TTAError(f"--out {out} holds a run that stopped early; pass --resume to continue it, or "
+                       "--overwrite to start over")
+    if not resume and not overwrite and (out / "run.json").exists():
+        raise TTAError(f"--out {out} already holds a run (run.json); choose another folder, or pass "
+                       "--overwrite to replace it")
+    _check_writable(out)
+    if overwrite:
+        ckpt.unlink(missing_ok=True)
+    return ckpt
 
 
 def _check_writable(out: Path, flag: str = "--out") -> None:

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from .checkpoint import write_atomically
+from .checkpoint import FILE, write_atomically
 from .errors import TTAError
 from .signals import die_with_parent, shielded, sigterm_as_interrupt
 from .sweep import Job
@@ -44,7 +44,8 @@ if TYPE_CHECKING:
     from .runner import RunResult
     from .tracking import Tracker
 
-STATUS, CHECKPOINT, RESULT, LOCK = "status.json", "checkpoint.parquet", "result", "worker.pid"
+STATUS, RESULT, LOCK = "status.json", "result", "worker.pid"
+CHECKPOINT = FILE
 LOCKED = 75  # a worker's exit code when another process holds its job (EX_TEMPFAIL)
 Report = Callable[[Path, dict], None]
 # A worker (local or submitit's) imports the package its sweep runs, never a `tta_bench` folder in
