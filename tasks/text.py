@@ -299,6 +299,16 @@ class Text(LanguageTask):
             return self_embedder(lm.model, f"{self.opts.model}:{lm.info.get('source_sha256') or lm.info.get('revision')}")
         return hf_embedder(name, lambda ids: exact_text(lm.tokenizer, ids), next(lm.model.parameters()).device)
 
+    def data_identity(self) -> str | None:
+        """The documents' hash for the corpora read from this machine (python-stdlib, licenses,
+        --data-files), which differ between machines; the shipped and hub corpora are fixed by name."""
+        if not self.opts.data_files and self.opts.corpus not in ("python-stdlib", "licenses"):
+            return None
+        digest = hashlib.sha256()
+        for name, text in self.documents():
+            digest.update(name.encode() + b"\0" + text.encode() + b"\0")
+        return digest.hexdigest()
+
     def samples(self) -> Iterator[Sample]:
         tokenizer, size, index = self.lm.tokenizer, self.opts.window, 0
         lengths = token_byte_lengths(tokenizer)  # bytes per token, for bpb

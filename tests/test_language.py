@@ -186,3 +186,13 @@ def test_cache_folder_filled_by_two_processes_at_once_keeps_the_first(tmp_path):
     lm_module.replace_folder(folder, lambda tmp: (tmp / "who").write_text("fresh"))  # stale copy
     assert (folder / "who").read_text() == "fresh"
     assert sorted(p.name for p in folder.parent.iterdir()) == ["space"]
+
+
+def test_corpora_read_from_the_machine_carry_their_data_identity(monkeypatch):
+    """A checkpoint of a run on python-stdlib or licenses must not resume on another machine's
+    copy: their documents' hash is part of its fingerprint; the shipped corpus needs none."""
+    from tta_bench.tasks import text
+    identity = tta_bench.get_task("text", corpus="licenses").data_identity()
+    assert identity is not None and tta_bench.get_task("text", corpus="shakespeare").data_identity() is None
+    monkeypatch.setattr(text, "licenses", lambda: iter([("LICENSE", "another machine's licence")]))
+    assert tta_bench.get_task("text", corpus="licenses").data_identity() not in (None, identity)

@@ -122,6 +122,14 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
         tta_bench.run(ToyTask(), RESUME[0], Protocol((1e-3,)), options)
 
 
+    class OtherMachine(ToyTask):  # the same options, another machine's copy of the data
+        def data_identity(self) -> str:
+            return "another copy"
+
+    with pytest.raises(TTAError, match="or the data differ"):
+        tta_bench.run(OtherMachine(), *RESUME, options)
+
+
 def test_slow_samples_are_checkpointed_by_time_too(tmp_path):
     """Samples that take minutes (text) are checkpointed every checkpoint_seconds, not only
     every checkpoint_every samples: at 0 s after every sample, as checkpoint_every=1 does."""

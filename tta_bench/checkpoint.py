@@ -53,6 +53,6 @@ def load(path: Path, fingerprint: str) -> Progress | None:
         raise TTAError(f"checkpoint {path} is unreadable ({err}); delete it to start this run over") from None
     if meta["fingerprint"] != fingerprint:
         raise TTAError(f"checkpoint {path} was written by a run of another configuration (task, method, "
-                       f"hyperparameters, protocol, limits or seed differ); resume with the stopped run's "
+                       f"hyperparameters, protocol, limits, seed or the data differ); resume with the stopped run's "
                        f"settings, or delete it to start over")
     return Progress(table.to_pandas(), meta["n_seen"], meta["n_uncertain"], meta["wall"], meta.get("skipped", []))

@@ -374,7 +374,7 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
     block, blocks, sizer = _block_adapter(adapter, model, method, task, protocol, options, device)
     recorder = Recorder(protocol.lrs, task.metrics)
     threshold = method.gate_threshold(protocol.threshold)
-    fingerprint = _fingerprint(task, method, protocol, options)
+    fingerprint = _fingerprint(task, method, protocol, options) if options.checkpoint else ""
     done = checkpoint.load(options.checkpoint, fingerprint) if options.checkpoint else None
     if done is not None:
         recorder.extend(done.rows)
@@ -554,10 +554,13 @@ class _Evaluate:
 
 
 def _fingerprint(task: Task, method: Method, protocol: Protocol, options: RunOptions) -> str:
-    """What a checkpoint must match to be resumed: everything that changes the rows."""
+    """What a checkpoint must match to be resumed: everything that changes the rows, the data
+    itself too where the options do not fix it (a corpus read from the machine)."""
     what = {"task": task.name, "task_options": task.config, "method": method.name,
             "hparams": method.config, "protocol": asdict(protocol),
             **{k: getattr(options, k) for k in ("limit", "max_uncertain", "seed")}}
+    if (data := task.data_identity()) is not None:
+        what["data"] = data
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 

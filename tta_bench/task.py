@@ -87,6 +87,12 @@ class Task:
         built on first use after the model is loaded; None if the task has none."""
         return None
 
+    def data_identity(self) -> str | None:
+        """A hash of this machine's copy of the data, where the options alone do not fix it (a
+        corpus read from the machine, local files); a checkpoint records it, so a run never resumes
+        on other data. None: the options fix the data (a shipped file, a hub dataset's id)."""
+        return None
+
     def augmenter(self) -> Callable[[Any, int], Any] | None:
         """(inputs of one sample, n) -> n augmented views, if the task supports augmentation."""
         return None
