@@ -8,7 +8,9 @@
 #   python benchmarks/retrieval_report.py --experiment tta-bench-retrieval-gpu --tracking-uri URI
 # Settings (environment): N (sequences per window, 8), WINDOWS (200), SEQ_LEN (64),
 # SPACE_SIZE (10000), EMBEDDER (all-minilm-l6-v2), DEADLINE_S (420), CORPORA, METHODS, LANES
-# (corpus: one lane per corpus, its methods in turn; job: every corpus x method at once, 1 thread each).
+# (corpus: one lane per corpus, its methods in turn; job: every corpus x method at once, 1 thread each),
+# RESUME (a runs.tgz of an earlier call: its finished runs are kept, its runs stopped at the deadline
+# continue from their checkpoints with --resume).
 set -uo pipefail
 OUT=${OUT:-retrieval-gpu}
 N=${N:-8}; WINDOWS=${WINDOWS:-200}; DEADLINE_S=${DEADLINE_S:-420}
@@ -19,13 +21,16 @@ TASK=(--task text --data-space split --seq-len "${SEQ_LEN:-64}" --data-space-siz
       --embedding-model "${EMBEDDER:-all-minilm-l6-v2}" --gate none --max-uncertain "$WINDOWS" --no-tracking --no-progress --threads "${THREADS:-4}")
 export TTA_BENCH_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p "$OUT/runs"
+[[ -n ${RESUME:-} ]] && tar xzf "$RESUME" -C "$OUT"
 start=$(date +%s)
 
-job() {  # job CORPUS METHOD [timeout s]: one run, its log beside the others
-  local extra=()
+job() {  # job CORPUS METHOD [timeout s]: one run (or the rest of a stopped one), its log beside the others
+  local extra=() folder="$OUT/runs/$1-$2"
   case $2 in nn|nn-f|sift|random) extra=(-H "n_select=$N") ;; ifo|input-ft) extra=(--lr-grid llm) ;; esac
+  if [[ -f $folder/checkpoint.parquet ]]; then extra+=(--resume)
+  elif [[ -f $folder/run.json ]]; then echo "$1 $2: finished earlier"; return; fi
   timeout -s TERM "${3:-600}" tta-bench run "${TASK[@]}" --corpus "$1" --method "$2" "${extra[@]}" \
-    --out "$OUT/runs/$1-$2" >"$OUT/runs/$1-$2.log" 2>&1
+    --out "$folder" >>"$folder.log" 2>&1
   local rc=$?
   echo "$(date -u +%T) $1 $2 exit $rc ($(( $(date +%s) - start )) s)"
 }
