@@ -154,6 +154,28 @@ def test_learning_rates_are_methods_by_lr_with_the_chosen_lr_marked(store, tmp_p
         assert (chosen == 2e-2).all()
 
 
+def test_without_an_lr_sweep_there_is_no_methods_by_lr_grid(tmp_path):
+    """Each method at one lr (a benchmark at fixed defaults): a grid of dashes and a plot of single
+    points say nothing the headline's lr column does not; the per-lr details stay in their CSV."""
+    import tta_bench
+    from tta_bench import Protocol, RunOptions
+
+    from lb_store import GridToy
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    lrs = {name: tta_bench.get_method(name).default_lr for name in METHODS} | {"tent": 1.0}  # tent: far off
+    for shift in SHIFTS:
+        for name, lr in lrs.items():
+            tta_bench.run(GridToy(shift=shift), tta_bench.get_method(name), Protocol((lr,)),
+                          RunOptions(progress=False, tracking_uri=uri, experiment="one"))
+    with pytest.warns(UserWarning, match="no run at a learning rate within ×2 of its default: tent"):
+        build(uri, "one", tmp_path / "lb", Selection("default"))
+    folder = tmp_path / "lb" / "toy"
+    assert not (folder / "learning_rates.csv").exists() and not (folder / "delta_vs_lr.png").exists()
+    headline = pd.read_csv(folder / "headline.csv").set_index("method")["lr"]
+    assert headline.to_dict() == pytest.approx({name: lrs[name] for name in METHODS})
+    assert len(pd.read_csv(folder / "learning_rates_detail.csv")) == len(lrs)
+
+
 def test_per_model_and_per_shift_tables(store, tmp_path):
     uri, results = store
     build(uri, "lb", tmp_path, Selection("default"))

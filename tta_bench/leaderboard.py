@@ -50,7 +50,9 @@ class Selection:
 
     def target(self) -> str:
         """The learning rate a method needs runs at to get a row."""
-        return {"default": "a learning rate within ×2 of its default", "fixed": f"lr = {self.lr:g}",
+        if self.mode == "fixed":
+            return f"lr = {self.lr:g}"
+        return {"default": "a learning rate within ×2 of its default",
                 "best": "any learning rate with scored samples"}[self.mode]
 
 
@@ -217,12 +219,13 @@ def task_report(task: str, task_runs: pd.DataFrame, main: pd.DataFrame, chosen: 
                     f"configurations with that {axis} and severity; mean: over those configurations."))
     tables["configurations"] = Table(configuration_table(at_lr, reference),
                                      f"{head}. Per configuration: Δacc in points (n_fixed/n_broken).")
-    by_lr = lr_table(main)
-    data, view = lr_grid(by_lr, chosen, order)
-    tables["learning_rates"] = Table(data, (f"{task}: methods × learning rates, mean Δacc (points) over the "
-                                            f"configurations;{CHOSEN} marks the lr each method is ranked at "
-                                            f"({selection.caption()})."), view)
-    figures = {"learning_rates": plots.lr_plot(by_lr, folder / "delta_vs_lr.png", chosen)}
+    by_lr, figures = lr_table(main), {}
+    if by_lr.groupby("method")["lr"].nunique().max() > 1:  # an lr sweep (one lr each: the headline says it)
+        data, view = lr_grid(by_lr, chosen, order)
+        tables["learning_rates"] = Table(data, (f"{task}: methods × learning rates, mean Δacc (points) over the "
+                                                f"configurations;{CHOSEN} marks the lr each method is ranked at "
+                                                f"({selection.caption()})."), view)
+        figures["learning_rates"] = plots.lr_plot(by_lr, folder / "delta_vs_lr.png", chosen)
     if (fr := friedman_table(at_lr)) is not None:
         table, result = fr
         tables["friedman"] = Table(table, f"{head}. Friedman χ² = {result.statistic:.3g}, p = {result.p:.3g}; "
