@@ -19,7 +19,7 @@ from tta_bench import Protocol, RunOptions, RunResult, TTAError, checkpoint
 from tta_bench.cli import main
 from tta_bench.executor import prepare, run_job, run_submitit
 from tta_bench.sweep import expand, jobs_from_spec, load_spec, run_parts
-from tta_bench.tracking import JOB, KIND
+from tta_bench.tracking import JOB, KIND, run_tags
 
 from conftest import ToyTask
 from test_tracking import Server, _free_port
@@ -117,6 +117,12 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
     assert 5 <= n_saved < 23 and list(saved["index"][::2]) == list(range(n_saved))
     resumed = tta_bench.run(ToyTask(), *RESUME, options)
     assert resumed.metadata["resumed_from_sample"] == n_saved
+    [before] = resumed.metadata["earlier_attempts"]  # where the first part ran, and with what
+    assert (before["from_sample"], before["to_sample"], before["device"]) == (0, n_saved, "cpu")
+    assert before["git_commit"] == resumed.metadata["git_commit"] and before["seconds"] > 0
+    tags = run_tags(resumed)
+    assert (tags["attempts"], tags["earlier_devices"]) == (2, resumed.metadata["device_name"])
+    assert run_tags(full)["attempts"] == 1 and "earlier_devices" not in run_tags(full)
     _same_results(full, resumed)
     with pytest.raises(TTAError, match="written by a run of another configuration"):
         tta_bench.run(ToyTask(), RESUME[0], Protocol((1e-3,)), options)

@@ -25,12 +25,13 @@ class Progress:
     n_uncertain: int
     wall: float  # seconds spent so far, over all attempts
     skipped: list[dict] = field(default_factory=list)  # unreadable samples passed over so far
+    attempts: list[dict] = field(default_factory=list)  # each attempt's samples and environment
 
 
 def save(path: Path, progress: Progress, fingerprint: str) -> None:
     table = pa.Table.from_pandas(progress.rows, preserve_index=False)
     meta = {"fingerprint": fingerprint, "n_seen": progress.n_seen, "n_uncertain": progress.n_uncertain,
-            "wall": progress.wall, "skipped": progress.skipped}
+            "wall": progress.wall, "skipped": progress.skipped, "attempts": progress.attempts}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), META: json.dumps(meta).encode()})
     write_atomically(path, lambda tmp: pq.write_table(table, tmp))
 
@@ -55,4 +56,5 @@ def load(path: Path, fingerprint: str) -> Progress | None:
         raise TTAError(f"checkpoint {path} was written by a run of another configuration (task, method, "
                        f"hyperparameters, protocol, limits, seed or the data differ); resume with the stopped run's "
                        f"settings, or delete it to start over")
-    return Progress(table.to_pandas(), meta["n_seen"], meta["n_uncertain"], meta["wall"], meta.get("skipped", []))
+    return Progress(table.to_pandas(), meta["n_seen"], meta["n_uncertain"], meta["wall"], meta.get("skipped", []),
+                    meta.get("attempts", []))

@@ -380,6 +380,8 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
         recorder.extend(done.rows)
     n_seen, n_uncertain = (done.n_seen, done.n_uncertain) if done else (0, 0)
     skipped: list[dict] = list(done.skipped) if done else []  # unreadable samples passed over
+    # a resumed run's earlier attempts may have run elsewhere (another device, commit, machine)
+    earlier, env, first_seen = (list(done.attempts) if done else []), environment(device), n_seen
     prior_wall, last_saved, saved_at = (done.wall if done else 0.0), n_seen, perf_counter()
     total = task.num_samples()
     if options.limit is not None:
@@ -432,8 +434,9 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
 
     def save_progress() -> None:
         wall = prior_wall + perf_counter() - start
+        attempt = {"from_sample": first_seen, "to_sample": n_seen, "seconds": perf_counter() - start, **env}
         checkpoint.save(options.checkpoint, checkpoint.Progress(recorder.frame(), n_seen, n_uncertain, wall,
-                                                                skipped), fingerprint)
+                                                                skipped, earlier + [attempt]), fingerprint)
 
     try:
         with adapter if adapter is not None else nullcontext():
@@ -481,8 +484,8 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
         "adapted_parameters": sum(p.numel() for p in adapter.params) if adapter else 0,
         "adapted_parameter_names": _names(adapter, model),
     }
-    metadata = {**environment(device), "task": task.metadata(), "resumed_from_sample": done.n_seen if done else 0,
-                "skipped_unreadable": skipped, "stopped_by": stopped_by}
+    metadata = {**env, "task": task.metadata(), "resumed_from_sample": done.n_seen if done else 0,
+                "earlier_attempts": earlier, "skipped_unreadable": skipped, "stopped_by": stopped_by}
     return RunResult(rows, summarize(rows, wall, task.metrics) if len(rows) else [], config, metadata, interrupted)
 
 

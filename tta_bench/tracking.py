@@ -303,6 +303,8 @@ def run_tags(result: Any) -> dict[str, Any]:
         "seed": config["options"]["seed"],
         "device": meta["device"], "device_name": meta["device_name"], "threads": meta["threads"],
         "python": meta["python"], "platform": meta["platform"], "interrupted": result.interrupted,
+        "attempts": 1 + len(earlier := meta.get("earlier_attempts", [])),  # >1: resumed; run.json says where
+        "earlier_devices": ", ".join(dict.fromkeys(a["device_name"] for a in earlier)) or None,
         **{f"version.{k}": v for k, v in meta["versions"].items() if v is not None},
         **{f"numerics.{k}": v for k, v in meta.get("numerics", {}).items()},
     }
