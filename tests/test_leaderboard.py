@@ -233,3 +233,52 @@ def test_corruption_tables_are_split_by_severity(tmp_path):
         assert at5.loc[name, "noise"] == pytest.approx(deltas["noise", 5, name])
         assert at5.loc[name, "mean"] == pytest.approx((deltas["none", 5, name] + deltas["noise", 5, name]) / 2)
         assert at3.loc[name, "noise"] == pytest.approx(deltas["noise", 3, name])
+
+
+def _tables(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.csv")) if p.name != "runs.csv"}
+
+
+def test_a_build_rebuilds_from_its_runs_table_alone(store, tmp_path, monkeypatch):
+    """runs.csv is the tables' whole input: without the store, it gives the same tables."""
+    uri, _ = store
+    build(uri, "lb", tmp_path / "a", Selection("default"))
+    runs = tmp_path / "a" / "toy" / "runs.csv"
+    assert len(pd.read_csv(runs)) == len(METHODS) * len(CONFIGS) * len(LRS) + 2 * len(LRS)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["leaderboard", "--runs", str(runs), "--out", str(tmp_path / "b")]) == 0  # no store read
+    assert _tables(tmp_path / "b" / "toy") == _tables(tmp_path / "a" / "toy")
+    assert pd.read_csv(tmp_path / "b" / "toy" / "runs.csv").equals(pd.read_csv(runs))
+    md = (tmp_path / "b" / "LEADERBOARD.md").read_text()
+    assert f"result runs from `{runs}`" in md and "experiment `lb`" not in md
+
+
+def test_runs_tables_merge_with_the_store_and_the_latest_run_counts(store, tmp_path):
+    uri, _ = store
+    build(uri, "lb", tmp_path / "a", Selection("default"))
+    earlier = pd.read_csv(tmp_path / "a" / "toy" / "runs.csv")
+    older = earlier.assign(task="other", start="2020-01-01 00:00:00+00:00",
+                           configuration=earlier["configuration"].str.replace("toy", "other"))
+    stale = earlier.assign(start="2020-01-01 00:00:00+00:00", delta_acc=99.0)  # replaced by the store's runs
+    older.to_csv(tmp_path / "other.csv", index=False)
+    stale.to_csv(tmp_path / "stale.csv", index=False)
+    build(uri, "lb", tmp_path / "m", Selection("default"), runs_tables=[tmp_path / "other.csv", tmp_path / "stale.csv"])
+    assert _tables(tmp_path / "m" / "toy") == _tables(tmp_path / "a" / "toy")  # 99 lost to the newer runs
+    assert (pd.read_csv(tmp_path / "m" / "other" / "headline.csv")["mean Δacc"].to_numpy()
+            == pd.read_csv(tmp_path / "a" / "toy" / "headline.csv")["mean Δacc"].to_numpy()).all()
+    assert "result runs from experiment `lb` and" in (tmp_path / "m" / "LEADERBOARD.md").read_text()
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no runs table at"),
+    ("task,method\ntoy,ifo\n", "is not a runs table of tta-bench leaderboard: no column(s) method_name, configuration"),
+    ("task,method_name,configuration,method,lr,threshold,start\ntoy,ifo,toy,ifo,fast,0.16,2026-01-01\n",
+     "1 row(s) without a task, configuration, method or numeric lr (first: line 2)"),
+])
+def test_a_bad_runs_table_is_a_clear_error(tmp_path, capsys, content, message):
+    path = tmp_path / "runs.csv"
+    if content is not None:
+        path.write_text(content)
+    assert main(["leaderboard", "--runs", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import sys
 import time
 import warnings
@@ -147,6 +148,10 @@ def build_parser() -> Parser:
     lb.add_argument("--task", action="append", help="only these tasks (repeatable; default all)")
     lb.add_argument("--site", type=Path, help="folder of the static site (index.html, a page per task; "
                     "default OUT/site)")
+    lb.add_argument("--runs", type=Path, nargs="+", default=[], metavar="CSV",
+                    help="runs tables of earlier builds (OUT/TASK/runs.csv, written by every build) to include; "
+                         "the store is read too only with --tracking-uri or $MLFLOW_TRACKING_URI; where both "
+                         "hold a run of one configuration, method, lr and threshold, the latest counts")
     sw = sub.add_parser("sweep", help="run a grid of jobs from a TOML spec (idempotent, resumable)",
                         description="Expand a sweep spec into jobs and run those without a finished MLflow run. "
                                     "Ctrl-C or SIGTERM checkpoints the running jobs (exit 130); interrupted jobs "
@@ -339,7 +344,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         raise TTAError(f"--lr must be a finite learning rate > 0, got {args.lr}")
     if args.threshold is not None and not 0 < args.threshold <= 1:
         raise TTAError(f"--threshold must be in (0, 1] or none, got {args.threshold}")
-    uri = _checked_store(args)
+    store = not args.runs or bool(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    uri = _checked_store(args) if store else None
     site = args.site or args.out / "site"
     _check_writable(args.out)
     _check_writable(site, "--site")
@@ -347,7 +353,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     try:
         written = build(uri, args.experiment, args.out, Selection(args.select, args.lr),
                         threshold=args.threshold, reference=args.reference, tasks=args.task,
-                        parent=args.parent, site=site)
+                        parent=args.parent, site=site, runs_tables=args.runs, store=store)
     except OSError as err:
         raise TTAError(f"cannot write the leaderboard to {args.out} (--out) and {site} (--site): "
                        f"{err.strerror or err}; pass --out DIR / --site DIR") from None

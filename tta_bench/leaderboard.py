@@ -28,6 +28,8 @@ METRICS = ("delta_acc", "n_fixed", "n_broken", "n_total", "n_uncertain", "frac_u
            "samples_per_s", "bpb_source", "bpb", "bpb_change_pct", "n_bpb_nan")  # bpb: text tasks only
 PROVENANCE_TAGS = {"parent": "mlflow.parentRunId", "tta-bench": "tta_bench.version", "torch": "version.torch",
                    "commit": "mlflow.source.git.commit", "source": "tta_bench.source_sha256"}
+KEY = ["configuration", "method", "lr", "threshold"]  # one run counts per key: the latest
+RUNS_TABLE = "runs.csv"  # a build's whole input, per task: rebuild or merge without the store
 
 
 @dataclass(frozen=True)
@@ -104,8 +106,41 @@ def load_runs(uri: str | None, experiment: str, parent: str | None = None,
         **{k: raw.get(f"tags.{tag}") for k, tag in PROVENANCE_TAGS.items()},
         **{OPTION + c.removeprefix("params.task."): raw[c] for c in raw.columns if c.startswith("params.task.")},
     })
-    df = df.sort_values("start").drop_duplicates(["configuration", "method", "lr", "threshold"], keep="last")
-    return df.reset_index(drop=True)
+    return latest(df)
+
+
+def latest(runs: pd.DataFrame) -> pd.DataFrame:
+    """One run per configuration × method × lr × threshold: the latest started."""
+    runs = runs.sort_values("start", kind="stable", na_position="first")
+    return runs.drop_duplicates(KEY, keep="last").reset_index(drop=True)
+
+
+def read_runs(paths: list[Path], parent: str | None = None) -> pd.DataFrame:
+    """The runs tables of earlier builds (OUT/TASK/runs.csv, the tables' whole input), so a
+    leaderboard is rebuilt, or merged with new runs, without the store they were read from."""
+    frames = []
+    for path in paths:
+        try:
+            df = pd.read_csv(path, dtype=str)
+        except FileNotFoundError:
+            raise TTAError(f"no runs table at {path} (--runs); pass OUT/TASK/{RUNS_TABLE} of a leaderboard "
+                           f"build") from None
+        except (OSError, ValueError, UnicodeDecodeError) as err:  # pandas' parser errors are ValueErrors
+            raise TTAError(f"cannot read the runs table {path} (--runs): {_first_line(err)}; pass "
+                           f"OUT/TASK/{RUNS_TABLE} of a leaderboard build") from None
+        if missing := [c for c in ["task", "method_name", *KEY, "start"] if c not in df.columns]:
+            raise TTAError(f"{path} (--runs) is not a runs table of tta-bench leaderboard: no column(s) "
+                           f"{', '.join(missing)}; pass OUT/TASK/{RUNS_TABLE} of a leaderboard build")
+        for column in ("lr", "threshold", *METRICS):
+            df[column] = pd.to_numeric(df[column], errors="coerce") if column in df else math.nan
+        for column in ("run_id", *PROVENANCE_TAGS):  # not recorded: a gap in the provenance, not an error
+            df[column] = df.get(column)
+        df["start"] = pd.to_datetime(df["start"], utc=True, errors="coerce", format="ISO8601")
+        if (bad := df["lr"].isna() | df[["task", "configuration", "method"]].isna().any(axis=1)).any():
+            raise TTAError(f"{path} (--runs): {bad.sum()} row(s) without a task, configuration, method or numeric "
+                           f"lr (first: line {int(np.argmax(bad)) + 2}); fix or drop them")
+        frames.append(df if parent is None else df[df["parent"] == parent] if "parent" in df else df.iloc[:0])
+    return pd.concat(frames, ignore_index=True)
 
 
 def _search(uri: str, experiment_id: str, where: str) -> pd.DataFrame:
@@ -260,12 +295,18 @@ def provenance(task_runs: pd.DataFrame, at_lr: pd.DataFrame, origin: dict[str, s
 
 def build(uri: str | None, experiment: str, out: Path, selection: Selection, threshold: float | None = 0.16,
           reference: str | None = None, tasks: list[str] | None = None, parent: str | None = None,
-          site: Path | None = None) -> list[Path]:
+          site: Path | None = None, runs_tables: list[Path] = (), store: bool = True) -> list[Path]:
     """Write every table and plot (and the static site into `site`, if given); returns the files
-    written. threshold None: the runs without a gate; reference None: ifo (where it has runs).
-    Methods or tasks without runs at the chosen lr or threshold are left out with a warning; a
-    TTAError if that leaves nothing."""
-    runs = load_runs(uri, experiment, parent)
+    written. threshold None: the runs without a gate; reference None: ifo (where it has runs);
+    runs_tables: earlier builds' runs.csv, merged with the store's runs (store False: those alone;
+    the latest run counts where both hold one). Methods or tasks without runs at the chosen lr or
+    threshold are left out with a warning; a TTAError if that leaves nothing."""
+    earlier = read_runs(list(runs_tables), parent) if runs_tables else None
+    runs = load_runs(uri, experiment, parent) if store else None
+    runs = latest(pd.concat([r for r in (earlier, runs) if r is not None], ignore_index=True))
+    if runs.empty:
+        raise TTAError(f"no runs in {', '.join(map(str, runs_tables))} (--runs)"
+                       + (f" under parent run {parent}" if parent else ""))
     if tasks:
         unknown = set(tasks) - set(runs["task"])
         if unknown:
@@ -285,14 +326,20 @@ def build(uri: str | None, experiment: str, out: Path, selection: Selection, thr
                        + ("pass one of them to --lr" if selection.mode == "fixed"
                           else "pass --select best, or --select fixed --lr LR"))
     built = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
-    origin = {"experiment": experiment, "sweep parent": parent or "", "lr selection": selection.caption(),
-              "threshold": f"d = {_d(threshold)}", "built": built}
+    tables = ", ".join(map(str, runs_tables))
+    origin = {"experiment": experiment if store else "", "runs tables": tables, "sweep parent": parent or "",
+              "lr selection": selection.caption(), "threshold": f"d = {_d(threshold)}", "built": built}
     reports = [task_report(task, g, at_d[at_d["task"] == task], chosen_by_task.get(task, {}), out / task,
                            selection, threshold, reference, origin) for task, g in runs.groupby("task")]
-    summary = (f"Experiment `{experiment}`, {len(runs)} result runs. {selection.caption()}. Tables at threshold "
+    sources = " and ".join(([f"experiment `{experiment}`"] if store else []) + ([f"`{tables}`"] if tables else []))
+    summary = (f"{len(runs)} result runs from {sources}. {selection.caption()}. Tables at threshold "
                f"d = {_d(threshold)}; tests are one-sided (improvement). Built {built}.")
     written: list[Path] = []
     headlines, sections = ["## Headline\n"], []
+    for task, g in runs.groupby("task"):  # the input of every number below, for rebuilding and merging
+        (out / task).mkdir(parents=True, exist_ok=True)
+        g.to_csv(out / task / RUNS_TABLE, index=False)
+        written.append(out / task / RUNS_TABLE)
     for r in reports:
         for note in r.notes:
             warnings.warn(note, stacklevel=2)
