@@ -6,6 +6,7 @@
 # $OUT/runs.tgz; log them where MLflow is installed and make the report:
 #   tar xzf runs.tgz && tta-bench sync runs --tracking-uri URI --experiment tta-bench-retrieval-gpu
 #   python benchmarks/retrieval_report.py --experiment tta-bench-retrieval-gpu --tracking-uri URI
+# On a GPU machine without package registries, carry the packages first: benchmarks/device_carry.sh.
 # Settings (environment): N (sequences per window, 8), WINDOWS (200), SEQ_LEN (64),
 # SPACE_SIZE (10000), EMBEDDER (all-minilm-l6-v2), DEADLINE_S (420), CORPORA, METHODS, LANES
 # (corpus: one lane per corpus, its methods in turn; job: every corpus x method at once, 1 thread each),
