@@ -4,6 +4,9 @@ SIFT paper), Δacc, selection and total seconds per window, with every window (g
 the shared gate (the windows with Δ1,2 < d: under the per-sample reset, exactly the gated run).
 
     python benchmarks/retrieval_report.py --experiment tta-bench-retrieval [--tracking-uri URI] [--d 0.16]
+
+--save FILE.parquet keeps the per-window rows the report reads (small: commit them under
+benchmarks/results/), and --rows FILE.parquet makes the report from them, without the store.
 """
 from __future__ import annotations
 
@@ -49,6 +52,10 @@ def _data_space(client, run_id: str, tmp: str) -> dict | None:
     return None
 
 
+KEPT = ["corpus", "method", "index", "delta", "label", "pred_source", "pred", "bpb_source", "bpb", "seconds",
+        "select_seconds", "backwards", "data_space"]  # what the report reads, for --save
+
+
 def relative_bpb(before: np.ndarray, after: np.ndarray, rng: np.random.Generator, n: int = 1000) -> tuple[float, float, float]:
     """100·(mean bpb after / mean bpb before − 1) and its bootstrap 90 % interval over windows."""
     value = 100 * (after.mean() / before.mean() - 1)
@@ -89,9 +96,13 @@ def main() -> None:
     parser.add_argument("--d", type=float, default=0.16, help="the shared gate's threshold")
     parser.add_argument("--all-windows", action="store_true",
                         help="each method on all its windows (default: only the windows every method of the corpus scored)")
+    parser.add_argument("--save", type=Path, help="write the per-window rows read from the store to this parquet file")
+    parser.add_argument("--rows", type=Path, help="report from a --save file instead of the store")
     args = parser.parse_args()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    rows = rows_of(args.tracking_uri, args.experiment)
+    rows = pd.read_parquet(args.rows) if args.rows else rows_of(args.tracking_uri, args.experiment)
+    if args.save:
+        rows[KEPT].to_parquet(args.save, index=False)
     rows = rows if args.all_windows else common_windows(rows)
     headers = ["corpus", "method", "windows", "bpb θ0", "bpb", "bpb vs base, % [90 % CI]", "Δacc (pp)",
                "select s/window", "other s/window", "steps"]
