@@ -14,12 +14,19 @@ LOSSES = ("logits", "xent", "entropy")
 
 def check_focus(method: Method, task: Task) -> None:
     """F must leave at least one class out of focus, or the loss says nothing about the prediction
-    (iFo: every logit raised; doFo: a mean over no classes)."""
+    (iFo: every logit raised; doFo: a mean over no classes). Where samples have fewer classes
+    (multiple choice), those with every class in focus are left unadapted (`all_in_focus`)."""
     n_classes = task.num_classes()
     if n_classes is not None and method.hp.n_focus >= n_classes:
         raise TTAError(f"method {method.name}: n_focus={method.hp.n_focus} puts every class of task "
                        f"{task.name} in focus ({n_classes} classes), so the loss is undefined; "
                        f"use n_focus <= {n_classes - 1}")
+
+
+def all_in_focus(method: Method, step: Step) -> bool:
+    """The sample's classes (those with source probability > 0: a multiple-choice question's
+    choices) all fall in F."""
+    return int((step.source.probs > 0).sum()) <= method.hp.n_focus
 
 
 def entropy(logits: Tensor) -> Tensor:
@@ -52,6 +59,9 @@ class IFo(Method):
         if self.hp.loss != "entropy":  # the entropy ablation has no focus set
             check_focus(self, task)
 
+    def declines(self, step: Step) -> bool:
+        return self.hp.loss != "entropy" and all_in_focus(self, step)
+
     def loss(self, step: Step) -> Tensor:
         z = step.logits
         if self.hp.loss == "entropy":
@@ -73,6 +83,9 @@ class DoFo(Method):
     def supports(self, task: Task) -> None:
         super().supports(task)
         check_focus(self, task)
+
+    def declines(self, step: Step) -> bool:
+        return all_in_focus(self, step)
 
     def loss(self, step: Step) -> Tensor:
         z = step.logits

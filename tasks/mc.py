@@ -194,7 +194,7 @@ class MultipleChoice(LanguageTask):
         """Known once `check` has loaded the questions (a sweep's expansion does not load them)."""
         if "questions" not in self.__dict__:
             return None
-        return min(len(q["choices"]) for q in self.questions)
+        return max(len(q["choices"]) for q in self.questions)
 
     def samples(self) -> Iterator[Sample]:
         _ = self.letter_ids  # checked before the scan

@@ -114,6 +114,26 @@ def test_ifo_focuses_on_the_two_most_likely_choices(tiny):
     torch.testing.assert_close(loss, -(p[top2] * z[top2]).sum())
 
 
+@pytest.mark.parametrize("name", ["ifo", "dofo"])
+def test_questions_with_every_choice_in_focus_are_left_unadapted(tiny, tmp_path, name):
+    """Multiple choice with 2 to 4 choices: top-2 focus holds every choice of a 2-choice question,
+    which is left unadapted (prediction = source); the others adapt. Only a set whose every
+    question has <= n_focus choices is refused."""
+    questions = [{"question": f"q{i}", "choices": ["a", "b", "c", "d"][:n], "answer": 0}
+                 for i, n in enumerate([2, 4, 3, 2])]
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps(questions))
+    task = with_lm(tta_bench.get_task("mc", data_files=str(path)), tiny)
+    r = tta_bench.run(task, tta_bench.get_method(name), Protocol((1e-1,), threshold=None), RunOptions(progress=False))
+    rows = r.rows.set_index("index")
+    assert list(rows["updated"]) == [False, True, True, False] and not rows["nonfinite"].any()
+    assert (rows.loc[[0, 3], "pred"] == rows.loc[[0, 3], "pred_source"]).all()
+    path.write_text(json.dumps([q for q in questions if len(q["choices"]) == 2]))
+    with pytest.raises(TTAError, match="n_focus=2 puts every class of task mc in focus"):
+        tta_bench.run(with_lm(tta_bench.get_task("mc", data_files=str(path)), tiny), tta_bench.get_method(name),
+                      Protocol((1e-1,)), RunOptions(progress=False))
+
+
 def test_multi_token_letters_are_refused(tiny, monkeypatch):
     task = with_lm(tta_bench.get_task("mc", dataset="mmlu-dev", chat_template="off"), tiny)
     monkeypatch.setattr("tta_bench.tasks.mc.LETTERS", "ÆØÅ€")

@@ -126,12 +126,18 @@ class Method:
     def loss(self, step: Step) -> Tensor | None:
         raise NotImplementedError(f"method {self.name} must implement loss(step)")
 
+    def declines(self, step: Step) -> bool:
+        """True to leave this sample unadapted on what its source prediction shows (e.g. too few
+        classes for the method). Checked per sample, outside `loss`, so a batchable loss stays
+        free of data-dependent control flow (blocks adapt image tasks, whose classes are fixed)."""
+        return False
+
     def update(self, u: Updater) -> bool:
         """One step at the current weights; False if the method declines (no update).
         Override only when the update is not a plain gradient step on `loss` (e.g. SAR); end it
         with one `u.apply()` at θ0, or set `sweepable = False`."""
-        loss = self.loss(u.step())
-        if loss is None:
+        step = u.step()
+        if self.declines(step) or (loss := self.loss(step)) is None:
             return False
         u.backward(loss)
         u.apply()

@@ -59,7 +59,7 @@ class Task:
         raise NotImplementedError
 
     def num_classes(self) -> int | None:
-        """The number of classes (the fewest of any sample where it varies), if known before the
+        """The number of classes (the most of any sample where it varies), if known before the
         model loads: methods check their hyperparameters against it (e.g. n_focus < classes)."""
         return None
 
