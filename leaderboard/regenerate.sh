@@ -5,7 +5,7 @@
 # replaces the published one of the same configuration, method, lr and threshold.
 # Resumable: finished jobs are skipped, interrupted ones resume (see sweeps/README.md).
 # Cost on this kind of 2-core machine with WORKERS=2: about 5.4 h for the 630 image jobs, about
-# 1.5 h for text and MC (measured, see leaderboard/README.md). SPECS picks the sweeps:
+# 1.6 h for text and MC (measured, see leaderboard/README.md). SPECS picks the sweeps:
 #   WORKERS=2 bash leaderboard/regenerate.sh
 #   WORKERS=2 SPECS=sweeps/embedded.toml bash leaderboard/regenerate.sh   # text, MC; image runs as published
 set -euo pipefail

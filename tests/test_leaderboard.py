@@ -266,7 +266,11 @@ def test_runs_tables_merge_with_the_store_and_the_latest_run_counts(store, tmp_p
     assert _tables(tmp_path / "m" / "toy") == _tables(tmp_path / "a" / "toy")  # 99 lost to the newer runs
     assert (pd.read_csv(tmp_path / "m" / "other" / "headline.csv")["mean Δacc"].to_numpy()
             == pd.read_csv(tmp_path / "a" / "toy" / "headline.csv")["mean Δacc"].to_numpy()).all()
-    assert "result runs from experiment `lb` and" in (tmp_path / "m" / "LEADERBOARD.md").read_text()
+    md = (tmp_path / "m" / "LEADERBOARD.md").read_text()
+    assert "result runs from experiment `lb` and" in md
+    other, toy = (line for line in md.splitlines() if line.startswith("Provenance: "))  # tasks in order
+    assert f"runs tables: {tmp_path / 'other.csv'};" in other and "experiment: lb" not in other
+    assert toy.startswith("Provenance: experiment: lb;") and "runs tables" not in toy  # stale.csv: all replaced
 
 
 @pytest.mark.parametrize("content, message", [
@@ -282,3 +286,21 @@ def test_a_bad_runs_table_is_a_clear_error(tmp_path, capsys, content, message):
     assert main(["leaderboard", "--runs", str(path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_published_leaderboard_rebuilds_from_its_runs_tables(tmp_path, monkeypatch):
+    """leaderboard/ in this repository is what its committed runs tables give: no stale table,
+    no number that the runs do not produce."""
+    from pathlib import Path
+    published = Path(__file__).parent.parent / "leaderboard"
+    tables = sorted(published.glob("*/runs.csv"))
+    assert tables, "leaderboard/ holds no runs tables"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["leaderboard", "--runs", *map(str, tables), "--out", str(tmp_path)]) == 0
+    for table in tables:
+        task = table.parent.name
+        rebuilt = {p.name for p in (tmp_path / task).iterdir()}
+        assert {p.name for p in table.parent.iterdir()} == rebuilt, task  # nothing stale, nothing missing
+        for name in sorted(n for n in rebuilt if n.endswith(".csv")):
+            pd.testing.assert_frame_equal(pd.read_csv(table.parent / name), pd.read_csv(tmp_path / task / name),
+                                          check_exact=False, rtol=1e-9, obj=f"{task}/{name}")

@@ -30,6 +30,7 @@ PROVENANCE_TAGS = {"parent": "mlflow.parentRunId", "tta-bench": "tta_bench.versi
                    "commit": "mlflow.source.git.commit", "source": "tta_bench.source_sha256"}
 KEY = ["configuration", "method", "lr", "threshold"]  # one run counts per key: the latest
 RUNS_TABLE = "runs.csv"  # a build's whole input, per task: rebuild or merge without the store
+FROM = "runs_table"  # the runs table a run was read from (none: the store)
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,7 @@ def read_runs(paths: list[Path], parent: str | None = None) -> pd.DataFrame:
         if (bad := df["lr"].isna() | df[["task", "configuration", "method"]].isna().any(axis=1)).any():
             raise TTAError(f"{path} (--runs): {bad.sum()} row(s) without a task, configuration, method or numeric "
                            f"lr (first: line {int(np.argmax(bad)) + 2}); fix or drop them")
+        df[FROM] = str(path)
         frames.append(df if parent is None else df[df["parent"] == parent] if "parent" in df else df.iloc[:0])
     return pd.concat(frames, ignore_index=True)
 
@@ -284,6 +286,9 @@ def provenance(task_runs: pd.DataFrame, at_lr: pd.DataFrame, origin: dict[str, s
 
     start = pd.to_datetime(task_runs["start"], utc=True)
     parents = task_runs["parent"].nunique()  # learning-rate sweeps; one-lr runs have none
+    tables = task_runs[FROM] if FROM in task_runs else pd.Series(None, index=task_runs.index, dtype=object)
+    origin = {**origin, "experiment": origin["experiment"] if tables.isna().any() else "",  # this task's sources
+              "runs tables": ", ".join(sorted(tables.dropna().unique()))}
     return {**origin,
             "sweep parent": origin.get("sweep parent") or "all runs of the experiment" +
             (f" (under {parents} parent run{'s' * (parents > 1)})" if parents else ", none under a parent run"),
@@ -338,7 +343,7 @@ def build(uri: str | None, experiment: str, out: Path, selection: Selection, thr
     headlines, sections = ["## Headline\n"], []
     for task, g in runs.groupby("task"):  # the input of every number below, for rebuilding and merging
         (out / task).mkdir(parents=True, exist_ok=True)
-        g.to_csv(out / task / RUNS_TABLE, index=False)
+        g.drop(columns=FROM, errors="ignore").to_csv(out / task / RUNS_TABLE, index=False)
         written.append(out / task / RUNS_TABLE)
     for r in reports:
         for note in r.notes:
