@@ -287,7 +287,7 @@ def provenance(task_runs: pd.DataFrame, at_lr: pd.DataFrame, origin: dict[str, s
     start = pd.to_datetime(task_runs["start"], utc=True)
     parents = task_runs["parent"].nunique()  # learning-rate sweeps; one-lr runs have none
     tables = task_runs[FROM] if FROM in task_runs else pd.Series(None, index=task_runs.index, dtype=object)
-    origin = {**origin, "experiment": origin["experiment"] if tables.isna().any() else "",  # this task's sources
+    origin = {**origin, "experiment": origin.get("experiment", "") if tables.isna().any() else "",  # this task's sources
               "runs tables": ", ".join(sorted(tables.dropna().unique()))}
     return {**origin,
             "sweep parent": origin.get("sweep parent") or "all runs of the experiment" +
