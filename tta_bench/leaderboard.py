@@ -287,9 +287,9 @@ def provenance(task_runs: pd.DataFrame, at_lr: pd.DataFrame, origin: dict[str, s
     start = pd.to_datetime(task_runs["start"], utc=True)
     parents = task_runs["parent"].nunique()  # learning-rate sweeps; one-lr runs have none
     tables = task_runs[FROM] if FROM in task_runs else pd.Series(None, index=task_runs.index, dtype=object)
-    origin = {**origin, "experiment": origin.get("experiment", "") if tables.isna().any() else "",  # this task's sources
-              "runs tables": ", ".join(sorted(tables.dropna().unique()))}
-    return {**origin,
+    sources = {"experiment": origin.get("experiment", "") if tables.isna().any() else "",  # this task's own
+               "runs tables": ", ".join(sorted(tables.dropna().unique()))}
+    return {**sources, **{k: v for k, v in origin.items() if k not in sources},
             "sweep parent": origin.get("sweep parent") or "all runs of the experiment" +
             (f" (under {parents} parent run{'s' * (parents > 1)})" if parents else ", none under a parent run"),
             "runs": f"{len(task_runs)} finished result runs; {len(at_lr)} at the chosen learning rates",
@@ -331,11 +331,11 @@ def build(uri: str | None, experiment: str, out: Path, selection: Selection, thr
                        + ("pass one of them to --lr" if selection.mode == "fixed"
                           else "pass --select best, or --select fixed --lr LR"))
     built = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
-    tables = ", ".join(map(str, runs_tables))
-    origin = {"experiment": experiment if store else "", "runs tables": tables, "sweep parent": parent or "",
-              "lr selection": selection.caption(), "threshold": f"d = {_d(threshold)}", "built": built}
+    origin = {"experiment": experiment, "sweep parent": parent or "", "lr selection": selection.caption(),
+              "threshold": f"d = {_d(threshold)}", "built": built}
     reports = [task_report(task, g, at_d[at_d["task"] == task], chosen_by_task.get(task, {}), out / task,
                            selection, threshold, reference, origin) for task, g in runs.groupby("task")]
+    tables = ", ".join(map(str, runs_tables))
     sources = " and ".join(([f"experiment `{experiment}`"] if store else []) + ([f"`{tables}`"] if tables else []))
     summary = (f"{len(runs)} result runs from {sources}. {selection.caption()}. Tables at threshold "
                f"d = {_d(threshold)}; tests are one-sided (improvement). Built {built}.")

@@ -433,10 +433,11 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
         pending.clear()
 
     def save_progress() -> None:
-        wall = prior_wall + perf_counter() - start
-        attempt = {"from_sample": first_seen, "to_sample": n_seen, "seconds": perf_counter() - start, **env}
-        checkpoint.save(options.checkpoint, checkpoint.Progress(recorder.frame(), n_seen, n_uncertain, wall,
-                                                                skipped, earlier + [attempt]), fingerprint)
+        seconds = perf_counter() - start  # this attempt's
+        attempt = {"from_sample": first_seen, "to_sample": n_seen, "seconds": seconds, **env}
+        progress = checkpoint.Progress(recorder.frame(), n_seen, n_uncertain, prior_wall + seconds, skipped,
+                                       earlier + [attempt])
+        checkpoint.save(options.checkpoint, progress, fingerprint)
 
     try:
         with adapter if adapter is not None else nullcontext():
