@@ -1,6 +1,7 @@
 """Issue 13's report from the runs of sweeps/retrieval.toml (or any text runs with bpb): per corpus
 and method, bits per byte relative to the base model (%, bootstrap 90 % CI over windows, as in the
-SIFT paper), Δacc, selection and total seconds per window, with every window (gate none) and with
+SIFT paper), Δacc, selection and other seconds per window (timed on the device most of a run's
+windows ran on: a run resumed on another machine mixes devices), with every window (gate none) and with
 the shared gate (the windows with Δ1,2 < d: under the per-sample reset, exactly the gated run).
 
     python benchmarks/retrieval_report.py --experiment tta-bench-retrieval [--tracking-uri URI] [--d 0.16]
@@ -25,7 +26,8 @@ from tta_bench.tracking import open_client, resolve_uri
 
 
 def rows_of(uri: str, experiment: str) -> pd.DataFrame:
-    """Every run's per-sample rows (finished or stopped early), with its corpus, method label and data-space info."""
+    """Every run's per-sample rows (finished or stopped early), with its corpus, method label,
+    data-space info and the device each window ran on."""
     runs = load_runs(uri, experiment, interrupted=True)  # common_windows evens out runs stopped early
     client = open_client(resolve_uri(uri))
     frames = []
@@ -36,24 +38,36 @@ def rows_of(uri: str, experiment: str) -> pd.DataFrame:
             rows = pd.read_parquet(path)
             rows = rows[rows["lr"] == run["lr"]]
             label = f"{run['method']} lr={run['lr']:g}" if lrs[run["method"]] > 1 else run["method"]
+            meta = _metadata(client, run["run_id"], tmp)
             frames.append(rows.assign(corpus=run["option.corpus"], method=label,
-                                      data_space=json.dumps(_data_space(client, run["run_id"], tmp))))
+                                      data_space=json.dumps(meta["task"].get("data_space") if meta else None),
+                                      device=window_devices(rows["index"], meta)))
     return pd.concat(frames, ignore_index=True)
 
 
-def _data_space(client, run_id: str, tmp: str) -> dict | None:
-    """The run's data-space record (run.json, on the run or on its sweep-of-lrs parent)."""
+def _metadata(client, run_id: str, tmp: str) -> dict | None:
+    """The run's run.json metadata (on the run or on its sweep-of-lrs parent)."""
     for rid in (run_id, client.get_run(run_id).data.tags.get("mlflow.parentRunId")):
         try:
-            record = json.loads(Path(client.download_artifacts(rid, "run.json", tmp)).read_text())
+            return json.loads(Path(client.download_artifacts(rid, "run.json", tmp)).read_text())["metadata"]
         except Exception:  # no run.json on this run
             continue
-        return record["metadata"]["task"].get("data_space")
     return None
 
 
+def window_devices(index: pd.Series, meta: dict | None) -> np.ndarray:
+    """The device each window ran on: a run resumed elsewhere (`--resume` on another machine) has
+    earlier attempts, each over samples [from_sample, to_sample), and its timings mix devices."""
+    if meta is None:
+        return np.full(len(index), "unrecorded", dtype=object)
+    devices = np.full(len(index), meta.get("device_name", "unrecorded"), dtype=object)  # the last attempt
+    for attempt in meta.get("earlier_attempts", []):
+        devices[((index >= attempt["from_sample"]) & (index < attempt["to_sample"])).to_numpy()] = attempt["device_name"]
+    return devices
+
+
 KEPT = ["corpus", "method", "index", "delta", "label", "pred_source", "pred", "bpb_source", "bpb", "seconds",
-        "select_seconds", "backwards", "data_space"]  # what the report reads, for --save
+        "select_seconds", "backwards", "data_space", "device"]  # what the report reads, for --save
 
 
 def relative_bpb(before: np.ndarray, after: np.ndarray, rng: np.random.Generator, n: int = 1000) -> tuple[float, float, float]:
@@ -83,9 +97,12 @@ def table(rows: pd.DataFrame, gated: bool, d: float) -> list[list]:
             continue
         rel, lo, hi = relative_bpb(g["bpb_source"].to_numpy(), g["bpb"].to_numpy(), rng)
         acc0, acc = 100 * (g["pred_source"] == g["label"]).mean(), 100 * (g["pred"] == g["label"]).mean()
+        device = g["device"].mode()[0]  # timings from one device only: the one most windows ran on
+        timed = g[g["device"] == device]
+        where = device if len(timed) == len(g) else f"{device} ({len(timed)} of {len(g)})"
         out.append([corpus, method, len(g), f"{g['bpb_source'].mean():.3f}", f"{g['bpb'].mean():.3f}",
-                    f"{rel:+.2f} [{lo:+.2f}, {hi:+.2f}]", f"{acc - acc0:+.1f}", f"{g['select_seconds'].mean():.2f}",
-                    f"{(g['seconds'] - g['select_seconds']).mean():.2f}", f"{g['backwards'].mean():.1f}"])
+                    f"{rel:+.2f} [{lo:+.2f}, {hi:+.2f}]", f"{acc - acc0:+.1f}", f"{timed['select_seconds'].mean():.2f}",
+                    f"{(timed['seconds'] - timed['select_seconds']).mean():.2f}", where, f"{g['backwards'].mean():.1f}"])
     return out
 
 
@@ -101,11 +118,13 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     rows = pd.read_parquet(args.rows) if args.rows else rows_of(args.tracking_uri, args.experiment)
+    if "device" not in rows:  # saved before devices were recorded
+        rows["device"] = "unrecorded"
     if args.save:
         rows[KEPT].to_parquet(args.save, index=False)
     rows = rows if args.all_windows else common_windows(rows)
     headers = ["corpus", "method", "windows", "bpb θ0", "bpb", "bpb vs base, % [90 % CI]", "Δacc (pp)",
-               "select s/window", "other s/window", "steps"]
+               "select s/window", "other s/window", "timed on", "steps"]
     spaces = {(r.corpus, r.data_space) for r in rows[["corpus", "data_space"]].drop_duplicates().itertuples()}
     built = sorted({(c, i["embedder"], i["n_sequences"], i["n_tokens"], f"{i['build_seconds']:.0f}",
                      f"{i['size_bytes'] / 2**20:.1f}") for c, i in ((c, json.loads(s)) for c, s in spaces) if i})

@@ -1,10 +1,13 @@
 """Test-time fine-tuning on retrieved data (issue 13): the data space, its split and leakage guard,
 nn / nn-f / sift / random selection, the engine's steps on selected inputs, and the cache."""
+import importlib.util
 import json
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +21,8 @@ from tta_bench.registry import get_method, get_task
 from tta_bench.tasks import dataspace as ds
 
 from conftest import assert_bit_identical, state
+
+ROOT = Path(__file__).parents[1]
 
 
 @pytest.fixture
@@ -254,3 +259,28 @@ def test_labels_name_only_what_differs_from_the_methods_own_defaults():
     assert method_label({"method": "nn", "hparams": {"n_select": 4}, "protocol": protocol}) == "nn(n_select=4)"
     assert method_label({"method": "ifo", "hparams": {}, "protocol": protocol}) == "ifo[optimizer=adam]"
     assert method_label({"method": "sift", "hparams": {}, "protocol": {**protocol, "optimizer": "sgd"}}) == "sift[optimizer=sgd]"
+
+
+def _report():
+    spec = importlib.util.spec_from_file_location("retrieval_report", ROOT / "benchmarks" / "retrieval_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_report_times_a_resumed_run_on_one_device_only():
+    """A run stopped on a GPU and resumed on a CPU (windows 3..4) must not average the two
+    machines' seconds: its timings come from the device most of its windows ran on."""
+    report = _report()
+    meta = {"device_name": "x86_64", "earlier_attempts": [
+        {"from_sample": 0, "to_sample": 3, "device_name": "NVIDIA H100 80GB HBM3"}]}
+    index = pd.Series(range(5))
+    devices = report.window_devices(index, meta)
+    assert list(devices) == ["NVIDIA H100 80GB HBM3"] * 3 + ["x86_64"] * 2
+    assert list(report.window_devices(index, None)) == ["unrecorded"] * 5
+    rows = pd.DataFrame({"corpus": "c", "method": "sift", "index": index, "delta": 0.5, "label": 1,
+                         "pred_source": 1, "pred": 1, "bpb_source": 1.0, "bpb": 0.9, "backwards": 8,
+                         "seconds": [1.0, 1.0, 1.0, 20.0, 20.0], "select_seconds": [0.1] * 3 + [2.0] * 2,
+                         "device": devices})
+    (row,) = report.table(rows, gated=False, d=0.16)
+    assert row[2] == 5 and row[7:10] == ["0.10", "0.90", "NVIDIA H100 80GB HBM3 (3 of 5)"]
