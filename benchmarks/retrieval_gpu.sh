@@ -9,7 +9,9 @@
 # On a GPU machine without package registries, carry the packages first: benchmarks/device_carry.sh.
 # Settings (environment): N (sequences per window, 8), WINDOWS (200), SEQ_LEN (64),
 # SPACE_SIZE (10000), EMBEDDER (all-minilm-l6-v2), DEADLINE_S (420), CORPORA, METHODS, LANES
-# (corpus: one lane per corpus, its methods in turn; job: every corpus x method at once, 1 thread each),
+# (corpus: one lane per corpus, its methods in turn; job: every corpus x method at once, 1 thread each;
+# a number K: K lanes sharing the corpus x method jobs in turn, e.g. on a 2-core CPU machine
+# LANES=2 THREADS=1 DEADLINE_S=9000: one corpus's 7 methods at N = 8 take ~1.9 h there),
 # RESUME (a runs.tgz of an earlier call: its finished runs are kept, its runs stopped at the deadline
 # continue from their checkpoints with --resume).
 set -uo pipefail
@@ -17,7 +19,7 @@ OUT=${OUT:-retrieval-gpu}
 N=${N:-8}; WINDOWS=${WINDOWS:-200}; DEADLINE_S=${DEADLINE_S:-420}
 CORPORA=${CORPORA:-"shakespeare python-stdlib licenses"}
 METHODS=${METHODS:-"none nn sift ifo input-ft nn-f random"}  # most wanted first
-LANES=${LANES:-corpus}; [[ $LANES == job ]] && THREADS=${THREADS:-1}
+LANES=${LANES:-corpus}; [[ $LANES == corpus ]] || THREADS=${THREADS:-1}
 TASK=(--task text --data-space split --seq-len "${SEQ_LEN:-64}" --data-space-size "${SPACE_SIZE:-10000}"
       --embedding-model "${EMBEDDER:-all-minilm-l6-v2}" --gate none --max-uncertain "$WINDOWS" --no-tracking --no-progress --threads "${THREADS:-4}")
 export TTA_BENCH_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -36,12 +38,14 @@ job() {  # job CORPUS METHOD [timeout s]: one run (or the rest of a stopped one)
   echo "$(date -u +%T) $1 $2 exit $rc ($(( $(date +%s) - start )) s)"
 }
 
-lane() {  # every method on one corpus, in order, until the deadline
-  for method in $METHODS; do
+lane() {  # lane CORPORA [K W]: its jobs in order (every K-th from the W-th), until the deadline
+  local i=0
+  for corpus in $1; do for method in $METHODS; do
+    (( i++ % ${2:-1} == ${3:-0} )) || continue
     local left=$(( start + DEADLINE_S - $(date +%s) ))
-    (( left > 15 )) || { echo "deadline: $1 $method not run"; continue; }
-    job "$1" "$method" "$left"
-  done
+    (( left > 15 )) || { echo "deadline: $corpus $method not run"; continue; }
+    job "$corpus" "$method" "$left"
+  done; done
 }
 
 # The model and embedder caches are filled once, by one process, then each corpus's data space by
@@ -59,6 +63,8 @@ if [[ $LANES == job ]]; then
   for corpus in $CORPORA; do for method in $METHODS; do
     job "$corpus" "$method" $(( start + DEADLINE_S - $(date +%s) )) &
   done; done
+elif [[ $LANES =~ ^[0-9]+$ ]]; then
+  for w in $(seq 0 $((LANES - 1))); do lane "$CORPORA" "$LANES" "$w" & done
 else
   for corpus in $CORPORA; do lane "$corpus" & done
 fi
