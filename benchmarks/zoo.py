@@ -73,7 +73,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.models:
-        task = tta_bench.get_task("cifar10", model=name)
+        task = tta_bench.get_task("cifar10", model=name, subset="all")
         task.check()
         model = task.load_model().eval()
         row = {"model": name, "resolution": task.resolution, "weights": zoo.ZOO[name].weights,

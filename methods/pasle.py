@@ -19,6 +19,7 @@ class Pasle(Method):
     name = "pasle"
     description = "soft candidate-label adaptation (Hu et al. 2025)"
     default_lr = 5e-5  # the paper's Table 2 setting under this protocol
+    scoring_hparams = ("gate",)  # gate=own scores other samples than the shared gate
     hparams = {
         "tau": HParam(0.6, float, "certainty margin τ", check=lambda v: 0 < v < 1, check_msg="must be in (0, 1)"),
         "temperature": HParam(0.8, float, "softmax temperature T", check=lambda v: v > 0,

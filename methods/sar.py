@@ -1,6 +1,7 @@
 """SAR (Niu et al., 2023): reliable, sharpness-aware entropy minimisation.
 
-Filter: update only if H(p) < E0 (default E0 = 0.4·ln|C|; the official code hard-codes ln 1000).
+Filter: update only if H(p) < E0 (default E0 = 0.4·ln|C|, `e0_frac`; the official code hard-codes
+0.4·ln 1000). H ≤ ln|C| always, so e0_frac ≥ 1 turns the filter off.
 SAM step: gradient g at θ, move to θ + ρ·g/‖g‖, forward again, apply the filter again, then the
 optimizer step at θ with the gradient taken at θ + ε. Parameters: normalisation-layer affine
 parameters except the last stage (see `sar_parameters`). `norm_stats` as in Tent (the official
@@ -54,8 +55,10 @@ class SAR(NormStatsMethod):
     description = "reliable sharpness-aware entropy minimisation (Niu et al. 2023)"
     default_lr = 3.1e-6  # the paper's Table 2 setting under this protocol
     hparams = {
-        "e0": HParam(None, float, "entropy filter; none: 0.4·ln|C|", nullable=True,
+        "e0": HParam(None, float, "entropy filter E0; none: e0_frac·ln|C|", nullable=True,
                      check=lambda v: v > 0, check_msg="must be > 0"),
+        "e0_frac": HParam(0.4, float, "E0 as a fraction of ln|C| (the official 0.4), unless e0 is given",
+                          check=lambda v: v > 0, check_msg="must be > 0"),
         "rho": HParam(0.05, float, "SAM neighbourhood radius", check=lambda v: v > 0,
                       check_msg="must be > 0"),
         **NormStatsMethod.hparams,
@@ -68,7 +71,7 @@ class SAR(NormStatsMethod):
 
     def reliable(self, logits: torch.Tensor) -> torch.Tensor | None:
         """The entropy if it passes the filter H < E0, else None."""
-        e0 = self.hp.e0 if self.hp.e0 is not None else 0.4 * math.log(logits.shape[-1])
+        e0 = self.hp.e0 if self.hp.e0 is not None else self.hp.e0_frac * math.log(logits.shape[-1])
         self.resolved["e0"] = e0
         h = entropy(logits)
         return h if float(h.detach()) < e0 else None

@@ -7,6 +7,7 @@ reads the released CIFAR-10-C files (DIR/<corruption>.npy, DIR/labels.npy): then
 generated."""
 from __future__ import annotations
 
+import hashlib
 import zipfile
 from functools import cache, cached_property
 from pathlib import Path
@@ -100,10 +101,20 @@ def load_release(folder: Path, name: str, n_classes: int = 10) -> tuple[np.ndarr
     return images, labels
 
 
-def balanced_order(labels: np.ndarray, n_classes: int) -> np.ndarray:
+SUBSETS = ("test", "val", "all")
+SUBSET_RULE = {"test": "first half (rounded up) of each class's test-set indices, in the set's order",
+               "val": "second half of each class's test-set indices (disjoint from test)",
+               "all": "every test-set index"}
+
+
+def balanced_order(labels: np.ndarray, n_classes: int, subset: str = "all") -> np.ndarray:
     """Test-set indices interleaved by class (c0, c1, …, c9, c0, …), keeping the set's own order
-    within a class: every prefix whose length is a multiple of n_classes is balanced."""
+    within a class: every prefix whose length is a multiple of n_classes is balanced. subset
+    `test`: the first half (rounded up) of each class's images; `val`: the rest, disjoint from
+    `test` whatever the limits (held out for choosing hyperparameters); `all`: every image."""
     per_class = [np.flatnonzero(labels == c) for c in range(n_classes)]
+    if subset != "all":
+        per_class = [ix[:(len(ix) + 1) // 2] if subset == "test" else ix[(len(ix) + 1) // 2:] for ix in per_class]
     depth = max(len(ix) for ix in per_class)
     order = [ix[j] for j in range(depth) for ix in per_class if j < len(ix)]
     return np.asarray(order, dtype=np.int64)
@@ -123,6 +134,8 @@ class Cifar10(Task):
         "corruption": HParam("none", str, "CIFAR-10-C / ImageNet-C corruption of every image: generated, or "
                              "read from the release in --data-dir", choices=CHOICES),
         "severity": HParam(3, int, "corruption severity 1..5", choices=SEVERITIES),
+        "subset": HParam("test", str, "test: the first half of each class's images (scored); val: the other "
+                         "half (held out to choose hyperparameters); all: every image", choices=SUBSETS),
     }
     classes = tuple(CIFAR10_GROUPS)
 
@@ -179,7 +192,7 @@ class Cifar10(Task):
     def samples(self) -> Iterator[Sample]:
         images, labels, start = self.data()
         generated = self.opts.corruption != "none" and self.release is None
-        order = balanced_order(labels, len(self.classes))
+        order = self.order(labels)
         bounds = [0]
         while bounds[-1] < len(order):  # chunks of 32, 64, … 2048: a short run corrupts few images
             bounds.append(min(len(order), bounds[-1] + min(2048, 32 << (len(bounds) - 1))))
@@ -192,8 +205,12 @@ class Cifar10(Task):
             for i, image in zip(chunk, block):
                 yield Sample(int(i), torch.from_numpy(np.array(image)), int(labels[i]))
 
+    def order(self, labels: np.ndarray) -> np.ndarray:
+        """The indices this run scans, in order (`--limit N`: the first N)."""
+        return balanced_order(labels, len(self.classes), self.opts.subset)
+
     def num_samples(self) -> int:
-        return len(self.data()[1])
+        return len(self.order(self.data()[1]))
 
     def num_classes(self) -> int:
         return len(self.classes)
@@ -219,7 +236,9 @@ class Cifar10(Task):
                 "groups": {k: list(v) for k, v in CIFAR10_GROUPS.items()},
                 "weights": spec.weights, "weights_package": f"{spec.package}=={spec.version}",
                 "imagenet_top1_reported": spec.top1,
-                "corruption": self.opts.corruption, "severity": self.opts.severity}
+                "corruption": self.opts.corruption, "severity": self.opts.severity,
+                "subset": self.opts.subset, "subset_rule": SUBSET_RULE[self.opts.subset],
+                "subset_indices_sha256": hashlib.sha256(self.order(self.data()[1]).tobytes()).hexdigest()}
         if self.release is not None:
             images, labels, start = self.data()
             meta |= {"corruption_source": "release", "release_name": self.release.stem,

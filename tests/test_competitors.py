@@ -164,6 +164,14 @@ def test_sar_filter_rejects_a_high_entropy_sample():
     assert not res.updated and torch.equal(res.adapted_logits, res.source_logits)
 
 
+def test_sar_e0_frac_scales_the_filter_with_the_class_count():
+    model = NormNet(scale=0.05)  # near-uniform: H just below ln 5, rejected at the default 0.4·ln 5
+    method = tta_bench.get_method("sar", e0_frac=1.0)
+    res = tta_bench.adapt(model, X, method, threshold=None, lr=1.0)
+    assert res.updated and method.resolved["e0"] == pytest.approx(math.log(5))
+    assert not tta_bench.adapt(model, X, tta_bench.get_method("sar", e0_frac=0.9), threshold=None, lr=1.0).updated
+
+
 def test_sar_second_filter_rejects_when_the_perturbed_entropy_is_too_high():
     model = NormNet(scale=6.0)
     _, h, h2 = sar_expected(model, X, 0.8, 10.0, rho=0.5)
@@ -255,6 +263,16 @@ def test_memo_step_equals_hand_computed_marginal_entropy():
     res = tta_bench.adapt(model, X, tta_bench.get_method("memo", views=B), threshold=None, lr=lr,
                           augment=flips)
     torch.testing.assert_close(res.adapted_logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_memo_counts_every_view_as_a_pass():
+    from tta_bench.engine import Adapter
+
+    model, B, lrs = NormNet(scale=3.0), 4, (0.1, 0.2, 0.4)
+    with Adapter(model, tta_bench.get_method("memo", views=B), lambda m, x: m(x), Protocol(lrs, threshold=None),
+                 augmenter=flips) as adapter:
+        out = adapter.adapt(X, 0)
+    assert out.updated and out.forwards == B + len(lrs) and out.backwards == B  # views, one per lr
 
 
 def test_memo_needs_augmentations_and_images():

@@ -39,6 +39,17 @@ def test_sample_order_is_balanced_for_every_prefix_of_ten():
     assert labels[order[:10]].tolist() == list(range(10))
 
 
+def test_test_and_val_subsets_are_disjoint_balanced_halves():
+    labels = load_cifar10(Cifar10().path)[1]
+    test, val = (Cifar10(subset=s).order(labels) for s in ("test", "val"))
+    assert len(test) == len(val) == 5000 and not set(test.tolist()) & set(val.tolist())
+    assert sorted([*test, *val]) == list(range(10000))
+    assert np.bincount(labels[val[:500]]).tolist() == [50] * 10  # a prefix is balanced
+    assert test[:2000].tolist() == balanced_order(labels, 10)[:2000].tolist()  # earlier runs' images
+    meta_test, meta_val = Cifar10(subset="test").metadata(), Cifar10(subset="val").metadata()
+    assert meta_test["subset_indices_sha256"] != meta_val["subset_indices_sha256"]
+
+
 def test_cifar10_preprocessing_and_class_logits():
     task = Cifar10()
     raw = [torch.zeros(32, 32, 3, dtype=torch.uint8), torch.full((32, 32, 3), 255, dtype=torch.uint8)]

@@ -85,8 +85,9 @@ class Adaptation:
     grad_norm: float = float("nan")  # before clipping
     updated: bool = False
     nonfinite: bool = False  # non-finite loss or gradient
-    forwards: int = 0
-    backwards: int = 0
+    forwards: int = 0  # passes of one input (a batch of B views counts B)
+    backwards: int = 0  # likewise: a backward through B inputs' forwards counts B
+    graph_inputs: int = 0  # inputs forwarded with gradient since the last backward
     select_seconds: float = 0.0  # choosing the inputs to step on (methods with `step_inputs`)
 
     def __post_init__(self) -> None:
@@ -279,8 +280,9 @@ class Updater:
     def step(self) -> Step:
         """A fresh view of the sample at the current weights (its forward runs on first use)."""
         out = self.out  # not `self`: a Step must not hold its Updater (a cycle would keep the
-        def count() -> None:  # optimizer's state, e.g. Adam's moments, alive until a full gc)
-            out.forwards += 1
+        def count(n: int) -> None:  # optimizer's state, e.g. Adam's moments, alive until a full gc)
+            out.forwards += n
+            out.graph_inputs += n
         a = self.adapter
         step = Step(a.model, self.inputs, a.class_logits, self.source, count, augmenter=a.augmenter,
                     index=self.index, data_space=a.data_space)
@@ -295,8 +297,9 @@ class Updater:
             self._record(value, float("nan"))
             raise Diverged
         norm = self.adapter._backward(loss)
-        self.out.backwards += 1
         self._record(value, norm)
+        self.out.backwards += max(1, self.out.graph_inputs)
+        self.out.graph_inputs = 0
         if not math.isfinite(norm):
             raise Diverged
         return norm
@@ -309,7 +312,7 @@ class Updater:
             self.optimizer.step()
 
     def _record(self, loss: float, norm: float) -> None:
-        if self.out.backwards <= 1:  # the first backward: the loss at θ0
+        if self.out.backwards == 0:  # the first backward: the loss at θ0
             self.out.loss, self.out.grad_norm = loss, norm
 
 

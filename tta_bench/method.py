@@ -58,20 +58,22 @@ class Step:
     task's `data_space`."""
 
     def __init__(self, model: nn.Module, inputs: Any, class_logits: ClassLogits,
-                 source: Source | None = None, count_forward: Callable[[], None] = lambda: None,
+                 source: Source | None = None, count_forward: Callable[[int], None] = lambda n: None,
                  *, augmenter: Augment | None = None, index: int = 0, data_space: Any = None):
         self.model, self.inputs, self._source, self.index = model, inputs, source, index
         self._class_logits, self._count_forward, self._augmenter = class_logits, count_forward, augmenter
         self._data_space = data_space
 
     def forward(self, inputs: Any) -> Tensor:
-        """[B, C] class logits of any inputs at the current weights, with gradient."""
-        self._count_forward()
-        return self._class_logits(self.model, inputs)
+        """[B, C] class logits of any inputs at the current weights, with gradient; counted as B
+        forward passes (MEMO's B views cost B passes)."""
+        logits = self._class_logits(self.model, inputs)
+        self._count_forward(len(logits))
+        return logits
 
-    def count_forward(self) -> None:
-        """For a method that calls `step.model` itself: count that forward pass."""
-        self._count_forward()
+    def count_forward(self, n: int = 1) -> None:
+        """For a method that calls `step.model` itself: count that forward pass (of n inputs)."""
+        self._count_forward(n)
 
     def augment(self, n: int) -> Any:
         """n augmented views of this sample's inputs (from the task; image tasks only)."""
@@ -112,6 +114,9 @@ class Method:
     default_lr: ClassVar[float] = 1e-3
     default_optimizer: ClassVar[str] = "sgd"  # when the run names none
     task_kinds: ClassVar[frozenset[str]] = frozenset({"image", "text", "mc"})
+    # Hyperparameters that change which samples are scored (PASLE's `gate`): variants that differ
+    # in them are different methods on the leaderboard, not settings to tune (held-out selection).
+    scoring_hparams: ClassVar[tuple[str, ...]] = ()
     adapts: ClassVar[bool] = True  # False for the source model `none`
 
     def __init__(self, **hparams: Any):

