@@ -24,7 +24,8 @@ from pathlib import Path
 
 def priority(config: dict) -> tuple:
     o = config["task_options"]
-    return (o.get("subset") != "val", -int(o.get("severity", 5)), o.get("model", ""), o.get("corruption", ""))
+    """Validation first, then severity 5, each corruption on every model in turn."""
+    return (o.get("subset") != "val", -int(o.get("severity", 5)), o.get("corruption", ""), o.get("model", ""))
 
 
 def run_configuration(jobs: list[tuple[str, dict]], runs: str, deadline: float, device: str) -> list[tuple[str, str]]:
