@@ -88,6 +88,7 @@ def main() -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--pack", type=Path)
     ap.add_argument("--only", default="", help="comma-separated substrings; run only jobs whose label has one")
+    ap.add_argument("--skip", default="", help="semicolon-separated substrings; leave out jobs whose label has one")
     args = ap.parse_args()
     from tta_bench.sweep import jobs_from_spec, load_spec
 
@@ -96,10 +97,15 @@ def main() -> int:
     jobs, notes = jobs_from_spec(load_spec(args.spec))
     if args.only:
         jobs = [j for j in jobs if any(s in j.label for s in args.only.split(","))]
+    if args.skip:
+        jobs = [j for j in jobs if not any(s in j.label for s in args.skip.split(";"))]
     by_config: dict[str, list] = defaultdict(list)
     for job in jobs:
         by_config[str(sorted(job.config["task_options"].items()))].append(job)
-    queue = sorted(by_config.values(), key=lambda js: priority(js[0].config))
+    done = {p.parent.name for p in args.runs.glob("*/run.json")}
+    # validation first; then the configurations closest to complete (a resumed sweep finishes them first)
+    queue = sorted(by_config.values(), key=lambda js: (priority(js[0].config)[0], -sum(j.key in done for j in js),
+                                                       priority(js[0].config)))
     args.runs.mkdir(parents=True, exist_ok=True)
     counts: dict[str, int] = defaultdict(int)
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:

@@ -138,9 +138,11 @@ def build_parser() -> Parser:
     _tracking_flags(lb)
     lb.add_argument("--parent", help="only the child runs of this sweep's parent run id")
     lb.add_argument("--out", type=Path, default=Path("leaderboard"), help="output folder (default leaderboard/)")
-    lb.add_argument("--select", choices=("default", "best", "fixed"), default="default",
+    lb.add_argument("--select", choices=("default", "best", "fixed", "heldout"), default="default",
                     help="lr per method: default (the grid lr nearest its default lr), best (highest "
-                         "mean Δacc on the test stream; flagged), fixed (--lr for every method)")
+                         "mean Δacc on the test stream; flagged), fixed (--lr for every method), heldout "
+                         "(per method family, the variant and lr with the highest mean Δacc on the validation "
+                         "configurations, subset=val; scored on the test configurations, with the oracle's regret)")
     lb.add_argument("--lr", type=float, help="the learning rate for --select fixed")
     lb.add_argument("--threshold", type=_optional(float), default=0.16,
                     help="the threshold d of the tables (default 0.16; none: the runs without a gate)")
@@ -148,8 +150,9 @@ def build_parser() -> Parser:
     lb.add_argument("--task", action="append", help="only these tasks (repeatable; default all)")
     lb.add_argument("--site", type=Path, help="folder of the static site (index.html, a page per task; "
                     "default OUT/site)")
-    lb.add_argument("--runs", type=Path, nargs="+", default=[], metavar="CSV",
-                    help="runs tables of earlier builds (OUT/TASK/runs.csv, written by every build) to include; "
+    lb.add_argument("--runs", type=Path, nargs="+", default=[], metavar="CSV|DIR",
+                    help="runs tables of earlier builds (OUT/TASK/runs.csv, written by every build), or folders "
+                         "of run folders (tta-bench run --out: run.json, summary.csv), to include; "
                          "the store is read too only with --tracking-uri or $MLFLOW_TRACKING_URI; where both "
                          "hold a run of one configuration, method, lr and threshold, the latest counts")
     sw = sub.add_parser("sweep", help="run a grid of jobs from a TOML spec (idempotent, resumable)",

@@ -12,7 +12,8 @@ from pathlib import Path
 from .leaderboard import TaskReport
 from .tables import CHOSEN, Table
 
-TITLES = {"headline": "Headline", "configurations": "Per configuration", "learning_rates": "Methods × learning rates",
+TITLES = {"headline": "Headline", "selection": "Held-out selection, oracle and regret",
+          "configurations": "Per configuration", "learning_rates": "Methods × learning rates",
           "friedman": "Friedman test and critical difference", "thresholds": "Threshold d",
           "methods": "Every statistic", "learning_rates_detail": "Per learning rate, every statistic"}
 FOLDED = {"learning_rates_detail"}  # long: shown on request
@@ -69,7 +70,9 @@ def write_site(folder: Path, summary: str, reports: list[TaskReport]) -> list[Pa
         body = "".join(f'<p class="note">{escape(n)}</p>' for n in r.notes)
         if r.tables:
             written += _task_page(folder, slug, r)
-            body += (_table(f"{slug}-headline", r.tables["headline"]) + _provenance(r.provenance)
+            body += "".join(_table(f"{slug}-{name}", r.tables[name]) for name in ("headline", "selection")
+                            if name in r.tables)  # the answer, and how its settings were chosen
+            body += (_provenance(r.provenance)
                      + f'<p><a href="{slug}.html">All tables and figures for {escape(r.task)} →</a></p>')
         sections.append(f'<section id="{slug}"><h2>{escape(r.task)}</h2>{body}</section>')
     index = folder / "index.html"

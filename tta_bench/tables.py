@@ -17,10 +17,17 @@ from . import stats
 
 FORMATS = {"md": "github", "html": "html", "tex": "latex_booktabs"}
 OPTION = "option."  # column prefix of the task options (corruption, model, corpus, …) in the runs
+SUBSET = OPTION + "subset"  # test (scored) or val (held out: used only to choose hyperparameters)
 HEADLINE_P = "p Wilcoxon (Holm)"
 CHOSEN = " ◀"  # marks the chosen learning rate in the methods × learning rates table
 # text tasks: mean bits per byte over the configurations at θ0 and adapted, and its mean change (%)
 BPB = {"bpb source": "bpb_source", "bpb": "bpb", "Δbpb %": "bpb_change_pct"}
+# over every image of a configuration (not only the uncertain ones), and the cost per scored sample
+WHOLE = {"source acc all (%)": "acc_source_all", "Δacc all": "delta_acc_all"}
+SECONDS = {"s/sample": "seconds_per_sample"}
+NOOP = "no-op: changed no prediction"
+NOOP_EVERYWHERE = "no-op at every setting tried"  # held-out selection: every candidate, on validation too
+ORACLE = "best on test ⚠"
 
 
 def at_chosen(runs: pd.DataFrame, chosen: dict[str, float]) -> pd.DataFrame:
@@ -29,7 +36,7 @@ def at_chosen(runs: pd.DataFrame, chosen: dict[str, float]) -> pd.DataFrame:
 
 
 def _fmt(column: str, x: float) -> str:
-    if column.startswith("p ") or column in ("lr", "threshold"):
+    if column.startswith("p ") or column in ("lr", "threshold", "s/sample") or column.endswith(" lr"):
         return f"{x:.3g}"
     if column == "frac_uncertain":
         return f"{x:.3f}"
@@ -40,8 +47,23 @@ def _fmt(column: str, x: float) -> str:
     return f"{x:.2f}"
 
 
-def method_table(at_lr: pd.DataFrame, chosen: dict[str, float], how: str, reference: str) -> pd.DataFrame:
-    """The paper's Table 2/5: each method against the source model and against the reference."""
+def changed_predictions(runs: pd.DataFrame) -> pd.Series:
+    """Per run, how many predictions adaptation changed (older runs: n_fixed + n_broken)."""
+    return runs["n_changed"].fillna(runs["n_fixed"] + runs["n_broken"])
+
+
+def no_ops(at_lr: pd.DataFrame, everywhere: set[str] = frozenset()) -> dict[str, str]:
+    """method -> words, for the methods that changed no prediction on any configuration;
+    everywhere: those whose every setting tried was a no-op too (held-out selection)."""
+    changed = changed_predictions(at_lr).groupby(at_lr["method"]).sum(min_count=1)
+    return {m: NOOP_EVERYWHERE if m in everywhere else NOOP for m, n in changed.items() if n == 0}
+
+
+def method_table(at_lr: pd.DataFrame, chosen: dict[str, float], how: str, reference: str,
+                 noops: dict[str, str] | None = None) -> pd.DataFrame:
+    """The paper's Table 2/5: each method against the source model and against the reference.
+    noops: method -> words; left out of the Holm family (their adjusted p-values are NaN)."""
+    noops = noops or {}
     deltas = at_lr.pivot_table(index="configuration", columns="method", values="delta_acc")
     rows = []
     for method in deltas.columns:
@@ -60,11 +82,16 @@ def method_table(at_lr: pd.DataFrame, chosen: dict[str, float], how: str, refere
                     "samples/s": g["samples_per_s"].mean()})
         if has_bpb(at_lr):
             row.update({column: g[metric].mean() for column, metric in BPB.items()})
+        row.update({column: g[metric].mean() for column, metric in {**SECONDS, **WHOLE}.items()
+                    if has(at_lr, metric)})
         rows.append(row)
     table = pd.DataFrame(rows)
+    in_family = ~table["method"].isin(list(noops))  # a no-op has nothing to test
     for col in ("p sign", "p t", "p Wilcoxon", f"p t {reference}>", f"p W {reference}>"):
         if col in table:
-            table.insert(table.columns.get_loc(col) + 1, f"{col} (Holm)", stats.holm(table[col]))
+            table.insert(table.columns.get_loc(col) + 1, f"{col} (Holm)", stats.holm(table[col].where(in_family)))
+    if noops:
+        table["note"] = [noops.get(m, "") for m in table["method"]]
     table = table.sort_values("mean Δacc", ascending=False, kind="stable").reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     return table
@@ -72,7 +99,12 @@ def method_table(at_lr: pd.DataFrame, chosen: dict[str, float], how: str, refere
 
 def has_bpb(runs: pd.DataFrame) -> bool:
     """Whether these runs recorded bits per byte (text tasks)."""
-    return "bpb" in runs and bool(runs["bpb"].notna().any())
+    return has(runs, "bpb")
+
+
+def has(runs: pd.DataFrame, metric: str) -> bool:
+    """Whether any of these runs recorded `metric` (older runs tables lack the newer ones)."""
+    return metric in runs and bool(runs[metric].notna().any())
 
 
 def configuration_table(at_lr: pd.DataFrame, reference: str) -> pd.DataFrame:
@@ -119,14 +151,17 @@ def friedman_table(at_lr: pd.DataFrame) -> tuple[pd.DataFrame, stats.Friedman] |
 def headline_table(methods: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The answer first: per method its rank, lr and how it was chosen, mean Δacc with its CI,
     wins/losses over configurations, Holm-adjusted p and cost. Returns (raw numbers, view)."""
+    extra = [c for c in ("note", *WHOLE, *SECONDS) if c in methods]
     data = methods[["rank", "method", "lr", "lr chosen", "mean Δacc", "CI95 low", "CI95 high", "Δacc>0",
-                    "Δacc<0", HEADLINE_P, "fwd/sample", "bwd/sample"]].reset_index(drop=True)
+                    "Δacc<0", HEADLINE_P, "fwd/sample", "bwd/sample", *extra]].reset_index(drop=True)
     ci = [f" [{lo:+.2f}, {hi:+.2f}]" if np.isfinite([lo, hi]).all() else " [–]"
           for lo, hi in zip(data["CI95 low"], data["CI95 high"], strict=True)]
+    notes = data["note"] if "note" in data else [""] * len(data)
     view = pd.DataFrame({
         "rank": data["rank"].astype(str), "method": data["method"],
         "lr": [f"{lr:.3g} ({how})" for lr, how in zip(data["lr"], data["lr chosen"], strict=True)],
-        "mean Δacc [95% CI]": [f"{m:+.2f}{c}" for m, c in zip(data["mean Δacc"], ci, strict=True)],
+        "mean Δacc [95% CI]": [note or f"{m:+.2f}{c}"  # a no-op in words, not +0.00
+                               for m, c, note in zip(data["mean Δacc"], ci, notes, strict=True)],
         "wins/losses": [f"{w:.0f}/{lo:.0f}" for w, lo in zip(data["Δacc>0"], data["Δacc<0"], strict=True)],
         HEADLINE_P: ["–" if pd.isna(x) else f"{x:.3g}" for x in data[HEADLINE_P]],
         "fwd/bwd per sample": [f"{f:.3g} / {b:.3g}"
@@ -136,7 +171,42 @@ def headline_table(methods: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         data = data.join(methods[["bpb", "Δbpb %"]].reset_index(drop=True))
         view.insert(view.columns.get_loc("wins/losses"), "bpb (Δ%)", [
             "–" if pd.isna(b) else f"{b:.3f} ({c:+.2f}%)" for b, c in zip(data["bpb"], data["Δbpb %"], strict=True)])
+    at = view.columns.get_loc("mean Δacc [95% CI]") + 1  # whole-set figures beside the uncertain-set Δacc
+    for column, shown, fmt in (("Δacc all", "Δacc all images", "{:+.2f}"),
+                               ("source acc all (%)", "source acc, all images (%)", "{:.2f}")):
+        if column in data:
+            view.insert(at, shown, ["–" if pd.isna(x) else fmt.format(x) for x in data[column]])
+    if "s/sample" in data:
+        view["s per scored sample"] = [_or_dash(x, "s/sample") for x in data["s/sample"]]
     return data, view
+
+
+def selection_table(choices: pd.DataFrame, order: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Held-out selection per method family: the choice and its validation and test means, the
+    oracle (the same candidates ranked on the test configurations) and the regret. Rows in the
+    headline's order of the chosen variants. Returns (raw, view)."""
+    rank = {m: i for i, m in enumerate(order)}
+    data = choices.sort_values("held-out variant", key=lambda v: v.map(rank).fillna(len(rank)), kind="stable")
+    data = data.reset_index(drop=True)
+
+    def pick(variant: str, lr: float) -> str:
+        return "–" if pd.isna(lr) else f"{variant} @ {lr:.3g}"
+
+    return data, pd.DataFrame({
+        "family": data["family"],
+        "held-out choice (variant @ lr)": [pick(v, lr) for v, lr in zip(data["held-out variant"],
+                                                                         data["held-out lr"], strict=True)],
+        "validation mean Δacc (configs)": [note or f"{m:+.2f} ({n:.0f})" for m, n, note in zip(
+            data["validation mean Δacc"], data["validation configs"], data["note"], strict=True)],
+        "test mean Δacc": [_signed(x) for x in data["test mean Δacc"]],
+        f"oracle: {ORACLE}": [pick(v, lr) for v, lr in zip(data["oracle variant"], data["oracle lr"], strict=True)],
+        "oracle test mean Δacc": [_signed(x) for x in data["oracle test mean Δacc"]],
+        "regret": [_signed(x) for x in data["regret"]],
+    })
+
+
+def _signed(x: float) -> str:
+    return "–" if pd.isna(x) else f"{x:+.2f}"
 
 
 def lr_grid(by_lr: pd.DataFrame, chosen: dict[str, float], order: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -157,8 +227,8 @@ def lr_grid(by_lr: pd.DataFrame, chosen: dict[str, float], order: list[str]) -> 
 def option_axes(at_lr: pd.DataFrame) -> list[str]:
     """The task options that vary over the configurations (corruption, model, corpus, …)."""
     configs = at_lr.drop_duplicates("configuration")
-    return sorted(c.removeprefix(OPTION) for c in configs.columns
-                  if c.startswith(OPTION) and configs[c].astype(str).nunique() > 1)
+    return sorted(c.removeprefix(OPTION) for c in configs.columns  # subset: scored ones are all test
+                  if c.startswith(OPTION) and c != SUBSET and configs[c].astype(str).nunique() > 1)
 
 
 def axis_table(at_lr: pd.DataFrame, axis: str, order: list[str]) -> pd.DataFrame:

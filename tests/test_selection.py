@@ -1,0 +1,252 @@
+"""Issue 26: hyperparameters chosen on held-out data (`tta-bench leaderboard --select heldout`),
+from small synthetic runs tables: validation configurations are never scored, method families,
+the argmax and its tie rule, the oracle and its regret, and no-op methods in words."""
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tta_bench import stats
+from tta_bench.cli import main
+from tta_bench.errors import TTAError
+from tta_bench.leaderboard import Selection, build, families
+from tta_bench.tables import HEADLINE_P, NOOP, NOOP_EVERYWHERE
+
+CORRUPTIONS = ("fog", "frost", "glass", "snow")
+TEST = [f"toy(corruption={c})" for c in CORRUPTIONS]
+VAL = [f"toy(corruption={c}, subset=val)" for c in CORRUPTIONS[:2]]
+
+
+def run(config: str, method: str, lr: float, delta: float, changed: float | None = 20, **columns) -> dict:
+    """One row of a runs table (OUT/TASK/runs.csv) at d = 0.16; changed None: not recorded."""
+    fixed = 0 if changed == 0 else 10 + max(delta, 0)
+    broken = 0 if changed == 0 else 10 + max(-delta, 0)
+    return {"task": "toy", "configuration": config, "method": method, "method_name": re.split(r"[(\[]", method)[0],
+            "lr": lr, "threshold": 0.16, "start": "2026-01-01 00:00:00+00:00", "delta_acc": delta,
+            "n_fixed": fixed, "n_broken": broken, "n_total": 200, "n_uncertain": 100, "frac_uncertain": 0.5,
+            "acc_source": 50.0, "acc_adapted": 50.0 + delta, "forwards_per_sample": 3.0, "backwards_per_sample": 1.0,
+            "samples_per_s": 10.0, "option.corruption": re.search(r"corruption=(\w+)", config).group(1),
+            "option.subset": "val" if "subset=val" in config else "test",
+            **({} if changed is None else {"n_changed": changed}), **columns}
+
+
+def grid(method: str, lr: float, test: list[float], val: list[float] | None = None, **kw) -> list[dict]:
+    """A method at one lr: Δacc per test configuration, and per validation configuration."""
+    return ([run(c, method, lr, d, **kw) for c, d in zip(TEST, test, strict=True)]
+            + [run(c, method, lr, d, **kw) for c, d in zip(VAL, val or [], strict=False)])
+
+
+def leaderboard(tmp_path, rows: list[dict], mode: str, name: str = "out"):
+    path = tmp_path / f"{name}.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    out = tmp_path / name
+    build(None, "x", out, Selection(mode), runs_tables=[path], store=False, site=out / "site")
+    return out
+
+
+def read(out, table: str) -> pd.DataFrame:
+    return pd.read_csv(out / "toy" / f"{table}.csv")
+
+
+def shown(out, table: str) -> pd.DataFrame:
+    """The rows of a Markdown table as strings, by method (or family)."""
+    lines = [line for line in (out / "toy" / f"{table}.md").read_text().splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    df = pd.DataFrame(cells[2:], columns=cells[0])
+    return df.set_index(df.columns[1] if df.columns[0] == "rank" else df.columns[0])
+
+
+def planted() -> list[dict]:
+    """entropy: at lr 0.1 a huge Δacc on ONE test configuration (and worse on the others and on
+    validation); its modest best lr on validation is 0.01. ifo: a steady reference."""
+    return [*grid("entropy", 0.001, [0.5] * 4, [1.0, 1.0]),
+            *grid("entropy", 0.01, [1.5] * 4, [2.0, 2.5]),
+            *grid("entropy", 0.1, [100.0, -1.0, -1.0, -1.0], [-5.0, -4.0]),
+            *grid("ifo", 0.01, [3.0, 4.0, 5.0, 6.0], [4.0, 4.0])]
+
+
+def test_heldout_does_not_pick_a_planted_lr_that_the_oracle_and_best_pick(tmp_path):
+    held = leaderboard(tmp_path, planted(), "heldout", "held")
+    best = leaderboard(tmp_path, planted(), "best", "best")
+    head = read(held, "headline").set_index("method")
+    assert head.loc["entropy", "lr"] == 0.01 and head.loc["entropy", "mean Δacc"] == pytest.approx(1.5)
+    assert shown(held, "headline").loc["entropy", "lr"] == "0.01 (held-out)"
+    assert read(best, "headline").set_index("method").loc["entropy", "lr"] == 0.1  # chosen on the test data
+    assert shown(best, "headline").loc["entropy", "lr"] == "0.1 (best on test ⚠)"
+    sel = read(held, "selection").set_index("family")
+    oracle = (100 - 3) / 4
+    assert sel.loc["entropy", ["held-out variant", "held-out lr", "oracle variant", "oracle lr"]].tolist() == [
+        "entropy", 0.01, "entropy", 0.1]
+    assert sel.loc["entropy", "validation mean Δacc"] == pytest.approx(2.25)
+    assert sel.loc["entropy", "validation configs"] == 2 and sel.loc["entropy", "test configs"] == 4
+    assert sel.loc["entropy", "oracle test mean Δacc"] == pytest.approx(oracle)
+    assert sel.loc["entropy", "regret"] == pytest.approx(oracle - 1.5) and (sel["regret"] >= 0).all()
+    view = shown(held, "selection")
+    assert view.loc["entropy", "held-out choice (variant @ lr)"] == "entropy @ 0.01"
+    assert view.loc["entropy", "oracle: best on test ⚠"] == "entropy @ 0.1"
+    assert view.loc["entropy", "validation mean Δacc (configs)"] == "+2.25 (2)"
+    md = (held / "LEADERBOARD.md").read_text()
+    assert md.index("### toy") < md.index("Per family: the held-out") < md.index("\n## toy")  # after the headline
+    assert "ties: the smallest lr, then the variant label" in (held / "toy" / "headline.md").read_text()
+    index = (held / "site" / "index.html").read_text()
+    assert index.index('id="toy-headline"') < index.index('id="toy-selection"')
+
+
+@pytest.mark.filterwarnings("ignore:toy. left out")  # default: entropy has no run near its default lr
+@pytest.mark.parametrize("mode", ["heldout", "default", "best"])
+def test_validation_configurations_are_never_scored(tmp_path, mode):
+    rows = planted() + grid("ifo", 0.0205, [2.0] * 4, [-50.0, -50.0])  # a validation run that would drag ifo
+    out = leaderboard(tmp_path, rows, mode)
+    assert (read(out, "methods")["configs"] == 4).all()
+    assert (read(out, "learning_rates_detail")["configs"] == 4).all()
+    assert read(out, "configurations")["configuration"].tolist() == TEST
+    assert "toy: 4 configuration(s)" in (out / "toy" / "headline.md").read_text()
+    ifo = read(out, "methods").set_index("method").loc["ifo"]
+    assert ifo["mean Δacc"] == pytest.approx(2.0 if ifo["lr"] == 0.0205 else 4.5)
+    bodies = 0
+    for path in sorted((out / "toy").iterdir()) + sorted((out / "site").rglob("*.*")):
+        if path.suffix == ".png" or path.name == "runs.csv":  # runs.csv: the input, every run read
+            continue
+        text = re.sub(r'<table class="provenance">.*?</table>', "", path.read_text(), flags=re.S)  # names them
+        body = {".md": "\n".join(line for line in text.splitlines() if line.startswith("|")),
+                ".tex": "\n".join(line for line in text.splitlines() if not line.startswith("%")),
+                ".html": "".join(re.findall(r"<tbody>.*?</tbody>", text, re.S))}.get(path.suffix, text)
+        assert "subset=val" not in body and "-50" not in body, path
+        bodies += bool(body)
+    assert bodies > 20
+    md = (out / "LEADERBOARD.md").read_text()
+    assert f"validation configurations: {'; '.join(VAL)}" in md  # provenance names them
+    if mode == "heldout":
+        for table in ("headline", "selection"):  # and so do the captions of held-out selection
+            assert f"(2, subset=val: {'; '.join(VAL)})" in (out / "toy" / f"{table}.md").read_text()
+
+
+def test_the_choice_is_the_argmax_of_the_validation_mean_with_the_tie_rule(tmp_path):
+    rows = [*grid("tent", 0.001, [9.0] * 4, [9.0]),  # the highest mean, but not on every validation configuration
+            *grid("tent", 0.01, [1.0] * 4, [2.5, 3.5]),  # 3.0
+            *grid("tent(norm_stats=sample)", 0.01, [2.0] * 4, [3.25, 2.75]),  # 3.0: a tie, the label decides
+            *grid("tent", 0.1, [5.0] * 4, [3.0, 3.0]),  # 3.0: a tie, the smaller lr wins
+            *grid("tent(norm_stats=sample)", 0.001, [7.0] * 4, [2.0, 2.0])]
+    out = leaderboard(tmp_path, rows, "heldout", "a")
+    sel = read(out, "selection").set_index("family")
+    assert sel.loc["tent", ["held-out variant", "held-out lr"]].tolist() == ["tent", 0.01]
+    assert sel.loc["tent", ["oracle variant", "oracle lr"]].tolist() == ["tent(norm_stats=sample)", 0.001]
+    assert sel.loc["tent", "regret"] == pytest.approx(7.0 - 1.0)
+    # the same tie at a smaller lr: the lr decides before the label
+    out = leaderboard(tmp_path, rows + grid("tent(norm_stats=sample)", 0.005, [0.0] * 4, [3.0, 3.0]), "heldout", "b")
+    sel = read(out, "selection").set_index("family")
+    assert sel.loc["tent", ["held-out variant", "held-out lr"]].tolist() == ["tent(norm_stats=sample)", 0.005]
+    assert read(out, "headline")["method"].tolist() == ["tent(norm_stats=sample)"]
+    # a larger mean wins whatever the lr and label; the choice is the exact argmax
+    rng = np.random.default_rng(0)
+    rows = [r for lr in (0.001, 0.01, 0.1) for m in ("tent", "tent(norm_stats=sample)")
+            for r in grid(m, lr, list(rng.normal(size=4)), list(rng.normal(size=2)))]
+    val = pd.DataFrame(rows).query("`option.subset` == 'val'").groupby(["method", "lr"])["delta_acc"].mean()
+    out = leaderboard(tmp_path, rows, "heldout", "c")
+    sel = read(out, "selection").set_index("family")
+    assert tuple(sel.loc["tent", ["held-out variant", "held-out lr"]]) == val.idxmax()
+
+
+def test_families_follow_the_scoring_hyperparameters(tmp_path):
+    rows = [*grid("pasle", 5e-5, [1.0] * 4, [1.0, 1.0]),
+            *grid("pasle(tau=0.08)", 5e-5, [0.5] * 4, [2.0, 2.0]),  # a variant of pasle: chosen on validation
+            *grid("pasle(gate=own)", 5e-5, [0.2] * 4, [0.5, 0.5]),  # another family: its own row
+            *grid("pasle(gate=own, tau=0.08)", 5e-5, [0.1] * 4, [0.1, 0.1]),
+            *grid("tent", 1e-4, [1.0] * 4, [1.0, 1.0]),
+            *grid("tent(norm_stats=sample)", 1e-4, [-3.0] * 4, [1.5, 1.5])]  # competes with tent, and wins
+    out = leaderboard(tmp_path, rows, "heldout")
+    assert sorted(read(out, "headline")["method"]) == ["pasle(gate=own)", "pasle(tau=0.08)", "tent(norm_stats=sample)"]
+    sel = read(out, "selection").set_index("family")
+    assert sorted(sel.index) == ["pasle", "pasle(gate=own)", "tent"]
+    assert sel.loc["pasle(gate=own)", "held-out variant"] == "pasle(gate=own)"
+    assert sel.loc["pasle", ["held-out variant", "oracle variant"]].tolist() == ["pasle(tau=0.08)", "pasle"]
+    # logged hyperparameters (hp.* columns) count where a runs table has them; else the label says
+    table = pd.DataFrame({"method": ["pasle", "pasle(gate=own)[optimizer=adam]", "pasle(tau=0.5)", "mine(a=1)",
+                                     "tent(norm_stats=sample)"],
+                          "method_name": ["pasle", "pasle", "pasle", "mine", "tent"],
+                          "hp.gate": [np.nan, np.nan, "own", np.nan, np.nan]})
+    assert families(table) == {"pasle": "pasle", "pasle(gate=own)[optimizer=adam]": "pasle(gate=own)",
+                               "pasle(tau=0.5)": "pasle(gate=own)", "mine(a=1)": "mine(a=1)",
+                               "tent(norm_stats=sample)": "tent"}
+
+
+@pytest.mark.parametrize("recorded", [True, False])  # False: older runs, n_changed not recorded
+def test_a_no_op_is_in_words_and_out_of_the_holm_family(tmp_path, recorded):
+    changed = {} if recorded else {"changed": None}
+    rows = [*grid("ifo", 0.0205, [3.0, 4.0, 5.0, 6.0], **changed),
+            *grid("entropy", 0.0205, [1.0, 2.0, -0.5, 3.0], **changed),
+            *grid("dofo", 0.0205, [0.0] * 4, changed=10 if recorded else None),  # Δacc 0, predictions changed
+            *grid("sar", 3.1e-6, [0.0] * 4, changed=0)]
+    if not recorded:  # dofo: fixed as many as it broke, so not a no-op
+        rows = [r | {"n_fixed": 5, "n_broken": 5} if r["method"] == "dofo" else r for r in rows]
+        rows = [{k: v for k, v in r.items() if k != "n_changed"} for r in rows]
+    out = leaderboard(tmp_path, rows, "default")
+    head = shown(out, "headline")
+    assert head.loc["sar", "mean Δacc [95% CI]"] == NOOP and head.loc["sar", HEADLINE_P] == "–"
+    assert head.loc["dofo", "mean Δacc [95% CI]"].startswith("+0.00")
+    methods = read(out, "methods").set_index("method")
+    assert np.isnan(methods.loc["sar", "p Wilcoxon (Holm)"]) and methods.loc["sar", "note"] == NOOP
+    tested = ["ifo", "entropy", "dofo"]
+    holm = stats.holm([stats.wilcoxon_greater(read_deltas(rows, m)) for m in tested])
+    np.testing.assert_allclose(methods.loc[tested, "p Wilcoxon (Holm)"], holm)
+    caption = (out / "toy" / "headline.md").read_text()
+    assert "No-op (changed no prediction on any configuration; excluded from the Holm family): sar." in caption
+
+
+def read_deltas(rows: list[dict], method: str) -> np.ndarray:
+    return np.array([r["delta_acc"] for r in rows if r["method"] == method and r["option.subset"] == "test"])
+
+
+def test_a_family_that_never_changes_a_prediction_says_so(tmp_path):
+    rows = [*grid("ifo", 0.0205, [3.0, 4.0, 5.0, 6.0], [1.0, 1.0]),
+            *grid("sar", 3.1e-6, [0.0] * 4, [0.0, 0.0], changed=0),
+            *grid("sar", 1e-5, [0.0] * 4, [0.0, 0.0], changed=0),
+            *grid("tent", 1e-4, [0.0] * 4, [0.0, 1.0], changed=0)]  # a no-op on test, not on validation
+    rows[-1]["n_changed"] = 3
+    out = leaderboard(tmp_path, rows, "heldout")
+    head = shown(out, "headline")
+    assert head.loc["sar", "mean Δacc [95% CI]"] == NOOP_EVERYWHERE and head.loc["sar", "lr"] == "3.1e-06 (held-out)"
+    assert head.loc["tent", "mean Δacc [95% CI]"] == NOOP
+    assert shown(out, "selection").loc["sar", "validation mean Δacc (configs)"] == NOOP_EVERYWHERE
+
+
+def test_heldout_without_validation_configurations_is_one_line(tmp_path, capsys, monkeypatch):
+    rows = planted()
+    rows = [r for r in rows if r["option.subset"] == "test"]
+    with pytest.raises(TTAError, match="no task has validation configurations") as err:
+        leaderboard(tmp_path, rows, "heldout")
+    assert "\n" not in str(err.value) and "--select default" in str(err.value)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the runs table alone
+    assert main(["leaderboard", "--runs", str(tmp_path / "out.csv"), "--out", str(tmp_path / "o"),
+                 "--select", "heldout"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "no task has validation configurations (subset=val)" in lines[0]
+
+
+def test_a_task_without_validation_configurations_falls_back_to_the_default_rule_and_says_so(tmp_path):
+    other = [{**r, "task": "other", "configuration": r["configuration"].replace("toy", "other")}
+             for r in grid("ifo", 0.0205, [1.0, 2.0, 3.0, 4.0])]
+    out = leaderboard(tmp_path, planted() + other, "heldout")
+    assert "(held-out)" in (out / "toy" / "headline.md").read_text()
+    fallback = (out / "other" / "headline.md").read_text()
+    assert "(held-out)" not in fallback and "(default (no held-out data))" in fallback
+    caption = (out / "LEADERBOARD.md").read_text()
+    assert "NOT HELD-OUT (this task has no validation configurations" in caption
+
+
+def test_a_family_without_a_candidate_on_every_validation_configuration_is_left_out(tmp_path):
+    rows = planted() + grid("tent", 1e-4, [1.0] * 4, [1.0])  # one of the two validation configurations
+    with pytest.warns(UserWarning, match="left out, no \\(variant, lr\\) run on every validation configuration: tent"):
+        out = leaderboard(tmp_path, rows, "heldout")
+    assert "tent" not in set(read(out, "headline")["method"]) | set(read(out, "selection")["family"])
+
+
+def test_only_configurations_every_ranked_method_ran_on_are_scored(tmp_path):
+    rows = planted() + grid("tent", 1e-4, [9.0, 9.0, 9.0, 9.0], [1.0, 1.0])
+    rows = [r for r in rows if not (r["method"] == "tent" and r["configuration"] == TEST[0])]  # tent missed one
+    with pytest.warns(UserWarning, match=f"1 configuration\\(s\\) not scored.*{re.escape(TEST[0])} \\(no tent\\)"):
+        out = leaderboard(tmp_path, rows, "heldout")
+    head = read(out, "headline").set_index("method")
+    assert TEST[0] not in set(read(out, "configurations")["configuration"])
+    assert head.loc["ifo", "mean Δacc"] == pytest.approx(5.0)  # over the three shared configurations (4, 5, 6)
