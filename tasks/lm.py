@@ -191,6 +191,19 @@ def last_token_logits(model: nn.Module, inputs: Tensor | dict) -> Tensor:
     return model(**kwargs, logits_to_keep=1).logits[:, -1]
 
 
+# Held-out split for fair hyperparameter selection (issue 26): the leaderboard chooses on `val`
+# runs and scores `test` ones; `all` (the default) keeps the runs made before the option.
+SUBSETS = ("all", "test", "val")
+SUBSET_SALT = "tta-bench-subset:"
+
+
+def subset_of(key: str) -> str:
+    """`val` iff sha256(SUBSET_SALT + key)'s first 8 bytes, big-endian, are below 2**63 (the lower
+    half), else `test`: about half each, the same on every machine."""
+    h = int.from_bytes(hashlib.sha256((SUBSET_SALT + key).encode()).digest()[:8], "big")
+    return "val" if h < 2**63 else "test"
+
+
 class LanguageTask(Task):
     """Base of the text and multiple-choice tasks: the causal LM they load, once."""
 

@@ -16,13 +16,23 @@ from tta_bench.errors import TTAError
 from tta_bench.hparams import HParam
 from tta_bench.task import Sample
 
-from .lm import EMBEDDED, LanguageTask, hf_datasets, last_token_logits
+from .lm import EMBEDDED, SUBSET_SALT, SUBSETS, LanguageTask, hf_datasets, last_token_logits, subset_of
 
 TEMPLATE = ("Answer the multiple-choice question. State only the letter ({letters}). "
             "Question: {question}\n Choices: {options}\n Answer:")
 LETTERS = "ABCDEFGHIJKLMNOP"
 DATA = Path(__file__).parent / "data" / "mc"
 EMBEDDED_DATASETS = ("mmlu-dev", "truthfulqa-mc", "general-knowledge", "physical-intuition")
+# Split by question: its text and choices in the source order (before the shuffle), one per line
+_SIDE = f"sha256({SUBSET_SALT!r} + question + '\\n' + '\\n'.join(choices)), first 8 bytes big-endian"
+SUBSET_RULE = {"val": f"questions whose {_SIDE} < 2**63",
+               "test": f"questions whose {_SIDE} >= 2**63 (disjoint from val)",
+               "all": "every question"}
+
+
+def question_key(record: dict) -> str:
+    """What the subset split hashes: the question and its choices in the source order."""
+    return "\n".join([record["question"], *record["choices"]])
 
 
 def _letter_index(labels: list[str], key: str) -> int:
@@ -137,7 +147,13 @@ class MultipleChoice(LanguageTask):
         "chat_template": HParam("auto", str, "use the tokenizer's chat template (auto: if it has one)",
                                 choices=("auto", "on", "off")),
         "shuffle_seed": HParam(0, int, "seed of the per-question choice shuffle; -1: keep the source order"),
+        "subset": HParam("all", str, "split by question for fair hyperparameter selection: val (held out to "
+                         "choose hyperparameters) = the questions whose salted sha256 of their text and choices is "
+                         "in the lower half, test (scored) = the others, all = every question; each side is about "
+                         "half (general-knowledge: 32 val, 37 test)", choices=SUBSETS),
     }
+    subset_questions: dict[str, int] | None = None  # questions per side (test, val) in the source
+    question_indices: list[int] | None = None  # this run's questions' indices in the source
 
     @classmethod
     def models(cls) -> list[str]:
@@ -149,10 +165,14 @@ class MultipleChoice(LanguageTask):
 
     @cached_property
     def questions(self) -> list[dict]:
+        """This run's questions (`subset`), choices shuffled by the question's index in the source
+        (so a question reads the same in `all` and in its side)."""
         records = load_questions(self.opts.dataset, self.opts.data_files, self.opts.split)
-        if self.opts.shuffle_seed >= 0:
-            records = [shuffled(r, self.opts.shuffle_seed, i) for i, r in enumerate(records)]
-        return records
+        sides = [subset_of(question_key(r)) for r in records]
+        self.subset_questions = {side: sides.count(side) for side in ("test", "val")}
+        self.question_indices = [i for i, side in enumerate(sides) if self.opts.subset in ("all", side)]
+        seed = self.opts.shuffle_seed
+        return [shuffled(records[i], seed, i) if seed >= 0 else records[i] for i in self.question_indices]
 
     @property
     def use_chat(self) -> bool:
@@ -198,7 +218,8 @@ class MultipleChoice(LanguageTask):
 
     def samples(self) -> Iterator[Sample]:
         _ = self.letter_ids  # checked before the scan
-        for i, q in enumerate(self.questions):
+        questions = self.questions  # sets question_indices
+        for i, q in zip(self.question_indices or [], questions, strict=True):  # i: the index in the source
             ids = self.lm.tokenizer(self.prompt(q), add_special_tokens=False)["input_ids"]
             yield Sample(i, (torch.tensor(ids), len(q["choices"])), int(q["answer"]))
 
@@ -227,4 +248,6 @@ class MultipleChoice(LanguageTask):
         return {**self.lm.info, "dataset": self.opts.data_files or self.opts.dataset,
                 "n_questions": len(self.questions), "chat_template": self.use_chat,
                 "prompt_sha256": hashlib.sha256(template.encode()).hexdigest(),
-                "letter_token_ids": dict(zip(LETTERS, self.letter_ids)), "shuffle_seed": self.opts.shuffle_seed}
+                "letter_token_ids": dict(zip(LETTERS, self.letter_ids)), "shuffle_seed": self.opts.shuffle_seed,
+                "subset": self.opts.subset, "subset_rule": SUBSET_RULE[self.opts.subset],
+                "subset_questions": self.subset_questions}

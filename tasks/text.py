@@ -23,7 +23,7 @@ from tta_bench.task import Sample
 
 from .dataspace import (DEFAULT_EMBEDDER, DataSpace, Embedder, build, hf_embedder, in_data_space, self_embedder,
                         sequences_of)
-from .lm import EMBEDDED, LanguageTask, hf_datasets, last_token_logits, offline
+from .lm import EMBEDDED, SUBSET_SALT, SUBSETS, LanguageTask, hf_datasets, last_token_logits, offline, subset_of
 
 SHAKESPEARE = Path(__file__).parent / "data" / "text" / "shakespeare.jsonl.gz"
 # The paper's corpora on the Hugging Face hub: (dataset id, config, text field)
@@ -37,6 +37,12 @@ HUB_CORPORA = {
     "pile-uncopyrighted": ("monology/pile-uncopyrighted", None, "text"),
 }
 EMBEDDED_CORPORA = ("shakespeare", "python-stdlib", "licenses")
+# Split by document (never by window), on the text so that copies of a document stay on one side
+_SIDE = f"sha256({SUBSET_SALT!r} + document text), first 8 bytes big-endian"
+_OUTSIDE = "; with data_space=split only documents outside the data space"
+SUBSET_RULE = {"val": f"documents whose {_SIDE} < 2**63" + _OUTSIDE,
+               "test": f"documents whose {_SIDE} >= 2**63 (disjoint from val)" + _OUTSIDE,
+               "all": "every document" + _OUTSIDE}
 
 
 def shakespeare() -> Iterator[tuple[str, str]]:
@@ -198,6 +204,7 @@ class Text(LanguageTask):
     kind = "text"
     description = "next-token prediction on 128-token windows (Pile-style) with a causal LM"
     _data_space: DataSpace | None = None
+    subset_documents: dict[str, int] | None = None  # documents per side (test, val), set by the scan
     metrics = ("bpb",)  # bits per byte of the window (DESIGN §2), at θ0 and after adaptation
     options = {
         **LanguageTask.options,
@@ -220,6 +227,10 @@ class Text(LanguageTask):
                                   nullable=True, check=lambda n: n >= 1, check_msg="must be >= 1"),
         "seq_len": HParam(128, int, "tokens per data-space sequence", check=lambda n: n >= 2,
                           check_msg="must be >= 2"),
+        "subset": HParam("all", str, "split by document for fair hyperparameter selection: val (held out to "
+                         "choose hyperparameters) = the documents whose salted sha256 of their text is in the lower "
+                         "half, test (scored) = the others, all = every document; with --data-space split, of the "
+                         "documents outside the data space", choices=SUBSETS),
         "embedding_model": HParam(DEFAULT_EMBEDDER, str, f"embedder of the data space: {DEFAULT_EMBEDDER} "
                                   "(offline, PyPI) | self (the LM's mean-pooled last hidden state) | any HF "
                                   "encoder id or folder"),
@@ -309,14 +320,23 @@ class Text(LanguageTask):
             digest.update(name.encode() + b"\0" + text.encode() + b"\0")
         return digest.hexdigest()
 
+    def scanned_documents(self) -> Iterator[tuple[str, str]]:
+        """The documents whose windows this run scans: outside the data space (split), in `subset`."""
+        self.subset_documents = {"test": 0, "val": 0}  # per side, of the documents the scan went through
+        for name, text in self.documents():
+            if self._split() and in_data_space(name, self.opts.data_space_fraction):
+                continue  # a data-space document: never a test window
+            side = subset_of(text)
+            self.subset_documents[side] += 1
+            if self.opts.subset in ("all", side):
+                yield name, text
+
     def samples(self) -> Iterator[Sample]:
         tokenizer, size, index = self.lm.tokenizer, self.opts.window, 0
         lengths = token_byte_lengths(tokenizer)  # bytes per token, for bpb
         digest = hashlib.sha256()
         self.n_documents = 0
-        for name, text in self.documents():
-            if self._split() and in_data_space(name, self.opts.data_space_fraction):
-                continue  # a data-space document: never a test window
+        for name, text in self.scanned_documents():
             digest.update(name.encode() + b"\0" + text.encode())
             self.n_documents += 1
             self.corpus_sha256 = digest.hexdigest()
@@ -342,4 +362,6 @@ class Text(LanguageTask):
         return {**self.lm.info, "corpus": self.opts.data_files or self.opts.corpus, "window": self.opts.window,
                 "documents_read": getattr(self, "n_documents", 0),
                 "corpus_sha256": getattr(self, "corpus_sha256", None),
+                "subset": self.opts.subset, "subset_rule": SUBSET_RULE[self.opts.subset],
+                "subset_documents": self.subset_documents,
                 "data_space": self._data_space.info if self._data_space is not None else None}
