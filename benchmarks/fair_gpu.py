@@ -63,13 +63,16 @@ def run_configuration(jobs: list[tuple[str, dict]], runs: str, deadline: float, 
     return outcomes
 
 
-def pack(runs: Path, out: Path) -> None:
+def pack(runs: Path, out: Path, skip: set[str] = frozenset()) -> None:
+    """OUT/runs.tgz and OUT/rows.parquet of the finished runs in `runs`, but those named in `skip`
+    (e.g. the runs of an earlier pack) and those without their samples (unpacked from a pack)."""
     import pandas as pd
 
     out.mkdir(parents=True, exist_ok=True)
     frames = []
     with tarfile.open(out / "runs.tgz", "w:gz") as tar:
-        for folder in sorted(p for p in runs.iterdir() if (p / "run.json").is_file()):
+        for folder in sorted(p for p in runs.iterdir() if (p / "run.json").is_file()
+                             and (p / "samples.parquet").is_file() and p.name not in skip):
             for name in ("run.json", "summary.csv"):
                 tar.add(folder / name, arcname=f"{folder.name}/{name}")
             rows = pd.read_parquet(folder / "samples.parquet")
