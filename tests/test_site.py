@@ -25,8 +25,8 @@ from test_cli import run_cli
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH; install it with "
                                     "`apt-get install -y chromium` (Debian) to run the browser test")
-HEADLINE_COLUMNS = ["rank", "method", "lr", "mean Δacc [95% CI]", "wins/losses", "p Wilcoxon (Holm)",
-                    "fwd/bwd per sample"]
+HEADLINE_COLUMNS = ["rank", "method", "lr", "mean Δacc [95% CI]", "source acc, all images (%)", "Δacc all images",
+                    "wins/losses", "p Wilcoxon (Holm)", "fwd/bwd per sample", "s per scored sample"]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_provenance_counts_parent_runs_in_words(parents, said):
 def test_every_value_is_escaped(tmp_path):
     evil = '<img src=x onerror="alert(1)">'
     table = Table(pd.DataFrame({evil: [evil]}), evil)
-    write_site(tmp_path, evil, [TaskReport(evil, {"headline": table}, {}, {evil: evil}, [evil])])
+    write_site(tmp_path, evil, [TaskReport(evil, {"headline": table}, {}, {evil: evil}, [evil], evil)])
     for page in tmp_path.glob("*.html"):
         text = page.read_text()
         assert "<img" not in text and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in text
@@ -123,6 +123,7 @@ window.addEventListener("load", () => {
   mean.click(); out.ascending = cells(); out.aria = mean.getAttribute("aria-sort");
   mean.click(); out.descending = cells();
   head[col("method")].click(); out.byMethod = cells();
+  head[col("wins/losses")].click(); out.byWins = cells();
   const pre = document.createElement("pre"); pre.id = "probe"; pre.textContent = JSON.stringify(out);
   document.body.append(pre);
 });
@@ -154,6 +155,9 @@ def test_in_a_headless_browser_the_headline_sorts_on_click(site, tmp_path, page)
     assert out["aria"] == "ascending" and out["ascending"] == ascending
     assert out["descending"] == sorted(ascending, key=lambda row: -mean[row[1]])
     assert [row[1] for row in out["byMethod"]] == sorted(mean)
+    wins = {row[1]: tuple(map(int, row[6].split("/"))) for row in out["initial"]}  # by wins − losses, then wins
+    assert [row[1] for row in out["byWins"]] == sorted([row[1] for row in out["byMethod"]],  # stable, as the page
+                                                      key=lambda m: (wins[m][0] - wins[m][1], wins[m][0]))
     assert len(set(mean.values())) > 1 and out["ascending"] != out["initial"]  # the clicks did reorder
     assert all(width > 0 for width in out["images"]) and len(out["images"]) == (3 if page == "toy.html" else 0)
     shot = tmp_path / f"{page}.png"

@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 
 from .errors import TTAError
-from .tables import (CHOSEN, HEADLINE_P, NOOP_EVERYWHERE, OPTION, ORACLE, SUBSET, Table, at_chosen, axis_table,
-                     changed_predictions, configuration_table, friedman_table, headline_table, lr_grid, lr_table,
+from .tables import (CHOSEN, HEADLINE_P, MIN_CI, NOOP_EVERYWHERE, OPTION, ORACLE, SUBSET, TOO_FEW_CI, Table,
+                     at_chosen, at_severity, axis_table, changed_predictions, clean, configuration_table,
+                     corruption_table, describe, every_severity, friedman_table, headline_table, lr_grid, lr_table,
                      method_table, no_ops, option_axes, selection_table, threshold_table, write_table)
 from .tracking import CONFIGURATION, KIND, METHOD, _first_line, _label, check_uri, open_client
 
@@ -399,6 +400,7 @@ class TaskReport:
     plots: dict[str, Path]  # table name -> PNG
     provenance: dict[str, str]
     notes: list[str]
+    description: str = ""  # one line: the models, shifts (corpora, datasets), samples per configuration
 
 
 def task_report(task: str, task_runs: pd.DataFrame, at_d: pd.DataFrame, choice: Choice, folder: Path,
@@ -423,10 +425,11 @@ def task_report(task: str, task_runs: pd.DataFrame, at_d: pd.DataFrame, choice: 
     noops = no_ops(at_lr, choice.noop_everywhere)
     methods = method_table(at_lr, chosen, selection.label(), reference, noops)
     order = list(methods["method"])
+    too_few = f" ({TOO_FEW_CI})" if (methods["configs"] < MIN_CI).any() else ""
     data, view = headline_table(methods)
     tables = {"headline": Table(data, (
         f"{n_configs}; {selection.caption(choice.validation)}. Mean Δacc (points, on the uncertain samples) with "
-        f"its BCa bootstrap 95% CI; wins/losses: configurations with Δacc > 0 / < 0; {HEADLINE_P}: one-sided "
+        f"its BCa bootstrap 95% CI{too_few}; wins/losses: configurations with Δacc > 0 / < 0; {HEADLINE_P}: one-sided "
         f"Wilcoxon signed-rank test against the source model, Holm-adjusted across the methods; cost: "
         f"forward/backward passes per uncertain (scored) sample as run (a one-gradient sweep over K learning rates "
         f"includes its K prediction forwards)"
@@ -446,16 +449,10 @@ def task_report(task: str, task_runs: pd.DataFrame, at_d: pd.DataFrame, choice: 
             f"for the ranking); regret = oracle test mean − held-out test mean (points)."), view)
     axes = option_axes(at_lr)
     for axis in axes:
-        tables[f"by_{axis}"] = Table(axis_table(at_lr, axis, order), (
-            f"{head}. Methods × {axis}: mean Δacc (points) over the configurations with that {axis}; "
-            f"mean: over all configurations."))
-        if axis != "severity" and "severity" in axes:  # the corruption papers' view: one severity at a time
-            for level, part in at_lr.groupby(at_lr[OPTION + "severity"].astype(str)):
-                tables[f"by_{axis}_severity_{level}"] = Table(axis_table(part, axis, order), (
-                    f"{head}. Methods × {axis} at severity {level}: mean Δacc (points) over the "
-                    f"configurations with that {axis} and severity; mean: over those configurations."))
-    tables["configurations"] = Table(configuration_table(at_lr, reference),
-                                     f"{head}. Per configuration: Δacc in points (n_fixed/n_broken).")
+        tables.update(axis_tables(at_lr, axis, axes, order, head))
+    data, view = configuration_table(at_lr, reference, order, option_axes(at_d))  # every option that varies
+    tables["configurations"] = Table(data, f"{head}. Per configuration (the options that vary over the task's "
+                                           f"configurations): Δacc in points (n_fixed/n_broken).", view)
     by_lr, figures = lr_table(main), {}
     if by_lr.groupby("method")["lr"].nunique().max() > 1:  # an lr sweep (one lr each: the headline says it)
         data, view = lr_grid(by_lr, chosen, order)
@@ -473,10 +470,40 @@ def task_report(task: str, task_runs: pd.DataFrame, at_d: pd.DataFrame, choice: 
         figures["thresholds"] = plots.threshold_plot(th, folder / "threshold.png")
     tables["methods"] = Table(methods, (f"{head}. Every statistic: each method vs the source model over "
                                         f"configurations (sign test, t-test, Wilcoxon; Holm across methods) and "
-                                        f"vs {reference} (paired)."))
+                                        f"vs {reference} (paired); CI95: BCa bootstrap{too_few}."))
     tables["learning_rates_detail"] = Table(by_lr, f"{task}: mean Δacc and #configurations improved per "
                                                    f"learning rate.")
-    return TaskReport(task, tables, figures, provenance(task_runs, at_lr, origin, choice.validation), notes)
+    return TaskReport(task, tables, figures, provenance(task_runs, at_lr, origin, choice.validation), notes,
+                      describe(task, at_lr, len(choice.validation)))
+
+
+def axis_tables(at_lr: pd.DataFrame, axis: str, axes: list[str], order: list[str], head: str) -> dict[str, Table]:
+    """Methods × one task option (by_AXIS), and where severity varies too, one severity at a time
+    (by_AXIS_severity_S: the corruption papers' view); severities over the (model, corruption, …)
+    run at every one of them, like with like."""
+    def table(part: pd.DataFrame, what: str) -> Table:
+        if axis != "corruption":
+            return Table(axis_table(part, axis, order), f"{head}. Methods × {axis}{what}: mean Δacc (points) over "
+                                                        f"the configurations with that {axis}; mean: over all of them.")
+        data, view, groups = corruption_table(part, order)
+        return Table(data, f"{head}. Methods × corruption{what}: mean Δacc (points, one decimal; the CSV has every "
+                           f"digit) over the configurations with that corruption; columns {groups}; mean: over the "
+                           f"corrupted configurations only" + ("; clean (corruption=none): apart, not in the mean"
+                                                               if "clean" in view else "") + ".", view)
+
+    if axis == "severity":
+        part, which = every_severity(at_lr, axes)
+        return {"by_severity": Table(axis_table(part, axis, order), (
+            f"{head}. Methods × severity, like with like: mean Δacc (points) over the corrupted configurations of "
+            f"{which or 'every configuration'}; clean configurations (no severity) not included; mean: over all "
+            f"of them."))} if len(part) else {}
+    tables = {f"by_{axis}": table(at_lr, "")}
+    if "severity" in axes:
+        for level in sorted(at_lr[~clean(at_lr)][OPTION + "severity"].astype(str).unique(), key=float):
+            tables[f"by_{axis}_severity_{level}"] = table(at_severity(at_lr, level, axis), (
+                f" at severity {level} (corrupted configurations" + (", and the clean ones of the same models"
+                                                                     if axis == "corruption" else "") + ")"))
+    return tables
 
 
 def provenance(task_runs: pd.DataFrame, at_lr: pd.DataFrame, origin: dict[str, str],
@@ -571,7 +598,7 @@ def build(uri: str | None, experiment: str, out: Path, selection: Selection, thr
             files, markdown = write_table(table, out / r.task / name)
             written += files
             if name in ("headline", "selection"):  # the answer, and how its settings were chosen
-                headlines.append(f"### {r.task}\n\n{markdown}" if name == "headline" else markdown)
+                headlines.append(f"### {r.task}\n\n{r.description}\n\n{markdown}" if name == "headline" else markdown)
             elif name != "learning_rates_detail":  # in its CSV, HTML and LaTeX files only
                 sections.append(f"### {name}\n\n{markdown}")
     (out / "LEADERBOARD.md").write_text("\n".join([f"# Leaderboard\n\n{summary}\n", *headlines, *sections]))

@@ -1,13 +1,14 @@
 """Leaderboard figures (matplotlib, no display needed)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
+from matplotlib.ticker import FixedLocator, MaxNLocator, NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -15,18 +16,19 @@ import pandas as pd  # noqa: E402
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # tight: a legend outside the axes
     plt.close(fig)
     return path
 
 
 def lr_plot(table: pd.DataFrame, path: Path, chosen: dict[str, float] | None = None) -> Path:
     """Mean Δacc and #configurations with Δacc > 0 vs learning rate (the paper's Figures 7/8);
-    a star marks each method's chosen lr."""
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    for method, g in table.groupby("method"):
-        line, = top.plot(g["lr"], g["mean Δacc"], marker="o", ms=3, label=method)
-        bottom.plot(g["lr"], g["Δacc>0"], marker="o", ms=3, label=method)
+    a star marks each method's chosen lr. A tick at every lr run, labelled at most ~10 of them."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8.5, 6), sharex=True)
+    for i, (method, g) in enumerate(table.groupby("method")):
+        style = ("-", "--", ":", "-.")[i // 10 % 4]  # the colour cycle has 10: more methods, another line style
+        line, = top.plot(g["lr"], g["mean Δacc"], marker="o", ms=3, ls=style, label=method)
+        bottom.plot(g["lr"], g["Δacc>0"], marker="o", ms=3, ls=style, color=line.get_color(), label=method)
         at = g[np.isclose(g["lr"], (chosen or {}).get(method, -1.0), rtol=1e-9)]
         top.plot(at["lr"], at["mean Δacc"], marker="*", ms=12, ls="", color=line.get_color())
     top.axhline(0, color="grey", lw=0.8)
@@ -34,8 +36,20 @@ def lr_plot(table: pd.DataFrame, path: Path, chosen: dict[str, float] | None = N
     if chosen:
         top.set_title("★ the lr each method is ranked at", fontsize=8)
     bottom.set(xscale="log", xlabel="learning rate", ylabel="#configurations Δacc > 0")
-    top.legend(fontsize=8)
+    bottom.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no half ticks
+    lrs = sorted(table["lr"].unique())
+    shown = lrs[::-(-len(lrs) // 10)]  # every k-th lr, k = ceil(n / 10)
+    bottom.xaxis.set_minor_locator(FixedLocator(lrs))
+    bottom.xaxis.set_minor_formatter(NullFormatter())
+    bottom.set_xticks(shown, [_short(lr) for lr in shown], rotation=45, ha="right", rotation_mode="anchor")
+    top.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return _save(fig, path)
+
+
+def _short(x: float) -> str:
+    """A learning rate in few characters: 5e-6, 1.6e-4, 0.0013, 1.3."""
+    text = f"{x:.2g}" if x >= 1e-3 else f"{x:.1e}".replace(".0e", "e")
+    return re.sub(r"e([+-])0*(\d)", lambda m: "e" + m[1].replace("+", "") + m[2], text)
 
 
 def threshold_plot(table: pd.DataFrame, path: Path) -> Path:

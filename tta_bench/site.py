@@ -26,29 +26,43 @@ table{border-collapse:collapse;margin:.4rem 0 .3rem;font-variant-numeric:tabular
 th,td{border-bottom:1px solid #d0d7de;padding:.3rem .6rem;text-align:left;white-space:nowrap}
 table.sortable th{cursor:pointer;background:#f6f8fa;user-select:none}
 th[aria-sort=ascending]::after{content:" ▲"} th[aria-sort=descending]::after{content:" ▼"}
-.caption{color:#59636e;font-size:.85rem;margin:0 0 .4rem;max-width:60rem}
+.caption{color:#59636e;font-size:.85rem;margin:0 0 .4rem;max-width:60rem} .description{font-weight:500}
 td.chosen{font-weight:600;background:#fff8c5} .note{color:#9a6700}
 table.provenance th{font-weight:600;background:none} table.provenance td{white-space:normal}
 img{max-width:100%;height:auto} summary{cursor:pointer;color:#0969da}
 """
 
-# Click (or Enter on) a column header: sort its rows, ascending first, again to reverse; numbers
-# by the value they start with, "–" (no value) always last.
-SORT = """
-const num = t => /^[+-]?(\\d|\\.\\d)/.test(t) ? parseFloat(t) : null;
+# Click (or Enter on) a column header: sort its rows, ascending first, again to reverse. A column
+# whose cells mostly start with a number sorts by that number ("+19.07 [+16.23, +22.02]", "0.02
+# (default)"); wins/losses ("37/1") by wins − losses, then wins; cells without a number ("–", words)
+# always last. Other columns: as text, digits by value. SORT_KEYS is pure (tests run it in node).
+SORT_KEYS = """
+const key = t => {
+  const wl = /^(\\d+)\\/(\\d+)$/.exec(t);
+  if (wl) return [wl[1] - wl[2], +wl[1]];
+  const n = /^[+\\-\u2212]?(\\d+\\.?\\d*|\\.\\d+)(e[+\\-]?\\d+)?/i.exec(t);
+  return n ? [parseFloat(n[0].replace("\u2212", "-")), 0] : null;
+};
+function sortTexts(items, text, dir) {
+  const keys = new Map(items.map(r => [r, key(text(r))]));
+  const valued = items.filter(r => text(r) !== "–"), numbers = valued.filter(r => keys.get(r) !== null);
+  const numeric = numbers.length > 0 && 2 * numbers.length >= valued.length;
+  const last = r => text(r) === "–" || (numeric && keys.get(r) === null);
+  return items.slice().sort((a, b) => {
+    if (last(a) || last(b)) return last(a) - last(b);
+    const [x, y] = [keys.get(a), keys.get(b)];
+    return dir * (numeric ? x[0] - y[0] || x[1] - y[1] : text(a).localeCompare(text(b), undefined, {numeric: true}));
+  });
+}
+"""
+SORT = SORT_KEYS + """
 function sortTable(table, col) {
   const head = table.tHead.rows[0].cells, th = head[col];
   const dir = th.getAttribute("aria-sort") === "ascending" ? -1 : 1;
   for (const h of head) h.removeAttribute("aria-sort");
   th.setAttribute("aria-sort", dir > 0 ? "ascending" : "descending");
-  const rows = Array.from(table.tBodies[0].rows), text = r => r.cells[col].textContent.trim();
-  const numeric = rows.every(r => text(r) === "–" || num(text(r)) !== null);
-  rows.sort((a, b) => {
-    const x = text(a), y = text(b);
-    if (x === "–" || y === "–") return (x === "–") - (y === "–");
-    return dir * (numeric ? num(x) - num(y) : x.localeCompare(y, undefined, {numeric: true}));
-  });
-  table.tBodies[0].append(...rows);
+  const rows = Array.from(table.tBodies[0].rows);
+  table.tBodies[0].append(...sortTexts(rows, r => r.cells[col].textContent.trim(), dir));
 }
 for (const table of document.querySelectorAll("table.sortable"))
   Array.from(table.tHead.rows[0].cells).forEach((th, i) => {
@@ -67,7 +81,7 @@ def write_site(folder: Path, summary: str, reports: list[TaskReport]) -> list[Pa
     sections = []
     for r in reports:
         slug = _slug(r.task)
-        body = "".join(f'<p class="note">{escape(n)}</p>' for n in r.notes)
+        body = _description(r) + "".join(f'<p class="note">{escape(n)}</p>' for n in r.notes)
         if r.tables:
             written += _task_page(folder, slug, r)
             body += "".join(_table(f"{slug}-{name}", r.tables[name]) for name in ("headline", "selection")
@@ -101,7 +115,7 @@ def _task_page(folder: Path, slug: str, r: TaskReport) -> list[Path]:
     page = folder / f"{slug}.html"
     page.write_text(_page(f"{r.task} · tta-bench leaderboard",
                           f'<p><a href="index.html">← all tasks</a></p><h1>{escape(r.task)}</h1>'
-                          f"{_provenance(r.provenance)}<ul>{contents}</ul>{''.join(parts)}"))
+                          f"{_description(r)}{_provenance(r.provenance)}<ul>{contents}</ul>{''.join(parts)}"))
     return [*written, page]
 
 
@@ -115,6 +129,11 @@ def _table(table_id: str, table: Table) -> str:
 
 def _cell(text: str) -> str:
     return f'<td{" class=chosen" if text.endswith(CHOSEN) else ""}>{escape(text)}</td>'
+
+
+def _description(r: TaskReport) -> str:
+    """The task's one-line description (models, shifts, samples per configuration), if any."""
+    return f'<p class="description">{escape(r.description)}</p>' if r.description else ""
 
 
 def _provenance(fields: dict[str, str]) -> str:

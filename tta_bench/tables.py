@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,24 @@ SECONDS = {"s/sample": "seconds_per_sample"}
 NOOP = "no-op: changed no prediction"
 NOOP_EVERYWHERE = "no-op at every setting tried"  # held-out selection: every candidate, on validation too
 ORACLE = "best on test ⚠"
+MIN_CI = 5  # fewer configurations: a BCa bootstrap CI of the mean is degenerate; shown as –
+TOO_FEW_CI = f"–: too few configurations for a bootstrap CI (n < {MIN_CI})"
+# CIFAR-10-C / ImageNet-C (Hendrycks & Dietterich 2019): the 15 standard corruptions in their groups
+# and order, then the 4 extra; each with its short header in the per-corruption tables
+CORRUPTION_GROUPS = {
+    "noise": {"gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impul"},
+    "blur": {"defocus_blur": "defoc", "glass_blur": "glass", "motion_blur": "motn", "zoom_blur": "zoom"},
+    "weather": {"snow": "snow", "frost": "frost", "fog": "fog", "brightness": "brit"},
+    "digital": {"contrast": "contr", "elastic_transform": "elast", "pixelate": "pixel", "jpeg_compression": "jpeg"},
+    "extra": {"speckle_noise": "speck", "gaussian_blur": "gblur", "spatter": "spatt", "saturate": "satur"}}
+SHORT = {name: short for group in CORRUPTION_GROUPS.values() for name, short in group.items()}
+STANDARD = [name for group in ("noise", "blur", "weather", "digital") for name in CORRUPTION_GROUPS[group]]
+CLEAN = "none"  # corruption=none: the clean data, no severity
+FIRST_AXES = ("model", "corruption", "severity")  # in labels and tables these options come first, in this order
+# the task descriptions: what a configuration's samples are, and the corruption benchmark's name
+UNITS = {"cifar10": "images", "imagenet": "images", "text": "windows", "mc": "questions"}
+BENCHMARKS = {"cifar10": "CIFAR-10-C", "imagenet": "ImageNet-C"}
+PLURALS = {"corpus": "corpora", "severity": "severities"}
 
 
 def at_chosen(runs: pd.DataFrame, chosen: dict[str, float]) -> pd.DataFrame:
@@ -69,6 +88,8 @@ def method_table(at_lr: pd.DataFrame, chosen: dict[str, float], how: str, refere
     for method in deltas.columns:
         d = deltas[method].dropna()
         vs = stats.versus_source(d.to_numpy())
+        if vs.n < MIN_CI:  # a bootstrap over so few values is degenerate: no CI
+            vs.ci_low = vs.ci_high = math.nan
         row = {"method": method, "lr": chosen[method], "lr chosen": how,
                "configs": vs.n, "mean Δacc": vs.mean, "std": vs.std, "Δacc>0": vs.n_pos,
                "Δacc<0": vs.n_neg, "p sign": vs.p_sign, "p t": vs.p_t, "p Wilcoxon": vs.p_wilcoxon,
@@ -107,15 +128,30 @@ def has(runs: pd.DataFrame, metric: str) -> bool:
     return metric in runs and bool(runs[metric].notna().any())
 
 
-def configuration_table(at_lr: pd.DataFrame, reference: str) -> pd.DataFrame:
-    """The paper's Table 4: per configuration, the gate's statistics and each method's Δacc."""
+def configuration_table(at_lr: pd.DataFrame, reference: str, order: list[str],
+                        axes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The paper's Table 4: per configuration, the gate's statistics and each method's Δacc
+    (methods in rank order). Returns (raw: the configuration key and its options `axes`; view: the
+    display label of those options instead)."""
     base = at_lr.sort_values("method", key=lambda m: m != reference).groupby("configuration").first()
-    table = base[["n_total", "n_uncertain", "frac_uncertain", "acc_source"]].copy()
-    for method, g in at_lr.groupby("method"):
-        g = g.set_index("configuration")
+    table = base[[OPTION + a for a in axes] + ["n_total", "n_uncertain", "frac_uncertain", "acc_source"]].copy()
+    for method in order:
+        g = at_lr[at_lr["method"] == method].set_index("configuration")
         table[method] = [f"{g.at[c, 'delta_acc']:+.2f} ({int(g.at[c, 'n_fixed'])}/{int(g.at[c, 'n_broken'])})"
                          if c in g.index else "–" for c in table.index]
-    return table.reset_index()
+    data = table.reset_index()
+    labels = configuration_labels(at_lr, axes)
+    view = _rounded(data.drop(columns=[OPTION + a for a in axes]))
+    view["configuration"] = data["configuration"].map(labels)
+    return data, view
+
+
+def configuration_labels(runs: pd.DataFrame, axes: list[str]) -> dict[str, str]:
+    """configuration key -> display label `model=…, corruption=…, severity=…`: every option in `axes`
+    (option_axes: those that vary, never subset), default values too; the key where none varies."""
+    configs = runs.drop_duplicates("configuration").set_index("configuration")
+    return {c: ", ".join(f"{a}={'–' if pd.isna(row[OPTION + a]) else row[OPTION + a]}" for a in axes) or c
+            for c, row in configs.iterrows()}
 
 
 def lr_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -224,11 +260,15 @@ def lr_grid(by_lr: pd.DataFrame, chosen: dict[str, float], order: list[str]) -> 
     return data.reset_index(), view
 
 
-def option_axes(at_lr: pd.DataFrame) -> list[str]:
-    """The task options that vary over the configurations (corruption, model, corpus, …)."""
-    configs = at_lr.drop_duplicates("configuration")
-    return sorted(c.removeprefix(OPTION) for c in configs.columns  # subset: scored ones are all test
-                  if c.startswith(OPTION) and c != SUBSET and configs[c].astype(str).nunique() > 1)
+def option_axes(runs: pd.DataFrame) -> list[str]:
+    """The task options that vary over the configurations (corruption, model, corpus, …): model,
+    corruption and severity first, then the others by name; subset never (scored ones are all test);
+    severity only where it varies over the corrupted configurations (the clean data has none)."""
+    configs = runs.drop_duplicates("configuration")
+    shifted = configs[~clean(configs)]
+    axes = [c.removeprefix(OPTION) for c in configs.columns if c.startswith(OPTION) and c != SUBSET
+            and (shifted if c == OPTION + "severity" else configs)[c].astype(str).nunique() > 1]
+    return sorted(axes, key=lambda a: (FIRST_AXES.index(a) if a in FIRST_AXES else len(FIRST_AXES), a))
 
 
 def axis_table(at_lr: pd.DataFrame, axis: str, order: list[str]) -> pd.DataFrame:
@@ -236,10 +276,113 @@ def axis_table(at_lr: pd.DataFrame, axis: str, order: list[str]) -> pd.DataFrame
     mean Δacc over the configurations with that value, and over all of them."""
     values = at_lr[OPTION + axis].astype(str)
     table = at_lr.assign(value=values).pivot_table(index="method", columns="value", values="delta_acc", aggfunc="mean")
-    table = table[sorted(table.columns, key=_natural)].reindex(order)
+    table = table[sorted(table.columns, key=lambda v: _order(axis, v))].reindex(order)
     table.columns = list(table.columns)
     table["mean"] = at_lr.groupby("method")["delta_acc"].mean().reindex(order)
     return table.rename_axis("method").reset_index()
+
+
+def clean(runs: pd.DataFrame) -> pd.Series:
+    """Per run, whether its configuration is the clean data (corruption=none)."""
+    column = runs.get(OPTION + "corruption", pd.Series(None, index=runs.index, dtype=object))
+    return column.astype(str).eq(CLEAN)
+
+
+def corruption_table(at_lr: pd.DataFrame, order: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Methods × corruption as CIFAR-10-C / ImageNet-C papers print it: the standard corruptions in
+    their groups and order, then any other; the mean over the corrupted configurations only; clean
+    (none) apart, after the mean. Returns (raw: full names; view: short headers, one decimal; the
+    column groups in words)."""
+    table = axis_table(at_lr[~clean(at_lr)], "corruption", order).set_index("method")
+    if clean(at_lr).any():
+        table[CLEAN] = axis_table(at_lr[clean(at_lr)], "corruption", order).set_index("method")[CLEAN]
+    view = table.map(lambda x: _or_dash(x, ".1f"))
+    view = view.rename(columns={**SHORT, CLEAN: "clean"}).reset_index()
+    names = [c for c in table.columns if c not in ("mean", CLEAN)]
+    groups = {g: [short for name, short in members.items() if name in names]
+              for g, members in CORRUPTION_GROUPS.items()}
+    groups["other"] = [name for name in names if name not in SHORT]
+    words = "; ".join(f"{g}: {' '.join(shorts)}" for g, shorts in groups.items() if shorts)
+    return table.reset_index(), view, words
+
+
+def at_severity(at_lr: pd.DataFrame, level: str, axis: str) -> pd.DataFrame:
+    """The corrupted configurations at one severity; for the per-corruption table also the clean
+    configurations of the same models (its clean column: clean data has no severity)."""
+    part = at_lr[~clean(at_lr) & at_lr[OPTION + "severity"].astype(str).eq(level)]
+    if axis != "corruption":
+        return part
+    same = at_lr[OPTION + "model"].isin(part[OPTION + "model"]) if OPTION + "model" in at_lr else True
+    return pd.concat([part, at_lr[clean(at_lr) & same]])
+
+
+def every_severity(at_lr: pd.DataFrame, axes: list[str]) -> tuple[pd.DataFrame, str]:
+    """The corrupted configurations whose other options (model, corruption, …) were run at every
+    severity there is, to compare severities like with like; and those options' values in words."""
+    part, others = at_lr[~clean(at_lr)], [a for a in axes if a != "severity"]
+    if not others:
+        return part, ""
+    severity = part[OPTION + "severity"].astype(str)
+    part = part[severity.groupby([part[OPTION + a].astype(str) for a in others]).transform("nunique")
+                .eq(severity.nunique())]
+    values = {a: sorted(part[OPTION + a].astype(str).unique(), key=lambda v: _order(a, v)) for a in others}
+    words = "; ".join(f"{a} ({len(v)}): {', '.join(v)}" for a, v in values.items())
+    n = len(part.drop_duplicates([OPTION + a for a in others]))
+    return part, f"the {n} ({', '.join(others)}) combinations run at every severity: {words}"
+
+
+def describe(task: str, at_lr: pd.DataFrame, validation: int) -> str:
+    """One line on what a task's tables cover, from its scored runs: the models, corruptions (or
+    corpora, datasets, …) and severities, samples per configuration, validation configurations."""
+    configs = at_lr.drop_duplicates("configuration")
+
+    def values(axis: str) -> list[str]:
+        column = configs.get(OPTION + axis, pd.Series(dtype=object)).dropna().astype(str)
+        return sorted(column.unique(), key=lambda v: _order(axis, v))
+
+    parts = [_compact(values("model"))] if values("model") else []
+    if corruptions := values("corruption"):
+        shifted = [c for c in corruptions if c != CLEAN]
+        standard = [c for c in shifted if c in STANDARD]
+        named = f"{BENCHMARKS[task]} " if task in BENCHMARKS else ""
+        words = (["clean"] if CLEAN in corruptions else []) + (
+            [f"the {len(STANDARD)} standard {named}corruptions"] if len(standard) == len(STANDARD) else
+            [f"{len(standard)} of the {len(STANDARD)} standard {named}corruptions ({_which(standard, STANDARD)})"]
+            if standard else []) + ([f"{len(other)} other ({', '.join(other)})"]
+                                    if (other := [c for c in shifted if c not in STANDARD]) else [])
+        severity = configs[~clean(configs)].get(OPTION + "severity", pd.Series(dtype=object))  # clean: none
+        levels = sorted(severity.dropna().astype(str).unique(), key=_natural)
+        parts.append(" + ".join(words) + (f" at severit{'ies' if len(levels) > 1 else 'y'} {', '.join(levels)}"
+                                          if levels else ""))
+    for axis in option_axes(at_lr):
+        if axis not in FIRST_AXES:
+            parts.append(f"{len(values(axis))} {PLURALS.get(axis, axis + 's')} ({', '.join(values(axis))})")
+    n = configs["n_total"].dropna()
+    size = f"{n.min():.0f}" if n.nunique() == 1 else f"{n.min():.0f}–{n.max():.0f}"
+    return (f"{task}: {' × '.join(parts) or f'{len(configs)} configuration(s)'}"
+            + (f"; {size} {UNITS.get(task, 'samples')} per configuration" if len(n) else "")
+            + (f"; {validation} validation configuration{'s' * (validation != 1)} (held out)" if validation else ""))
+
+
+def _which(some: list[str], every: list[str]) -> str:
+    """Which of `every` are in `some`, in the fewer words: the ones in it, or those without."""
+    missing = [x for x in every if x not in some]
+    return ", ".join(some) if len(some) <= len(missing) else f"without {', '.join(missing)}"
+
+
+def _compact(names: list[str]) -> str:
+    """Names that differ in a numeric suffix, compactly: efficientnet-lite0/1/2."""
+    prefix = os.path.commonprefix(names) if len(names) > 1 else ""
+    while prefix and not (prefix[-1] in "-_./" or all(n[len(prefix):][:1].isdigit() for n in names)):
+        prefix = prefix[:-1]
+    return prefix + "/".join(n[len(prefix):] for n in names)
+
+
+def _order(axis: str, value: str) -> tuple:
+    """Sort key of an option's values: corruptions in the standard order, then the others by name."""
+    if axis == "corruption" and value != CLEAN:
+        return 1, list(SHORT).index(value) if value in SHORT else len(SHORT), value
+    return _natural(value)
 
 
 def _natural(value: str) -> tuple:
@@ -253,7 +396,19 @@ def _natural(value: str) -> tuple:
 
 
 def _or_dash(x: float | None, column: str) -> str:
-    return "–" if x is None or pd.isna(x) else _fmt(column, x)
+    """x formatted for its column (or by a format spec such as ".1f"), – where there is none."""
+    if x is None or pd.isna(x):
+        return "–"
+    return format(x, column) if column.startswith(".") else _fmt(column, x)
+
+
+def _rounded(data: pd.DataFrame) -> pd.DataFrame:
+    """The raw numbers rounded for their columns, as text."""
+    shown = data.copy()
+    for col in shown.columns:
+        if shown[col].dtype.kind == "f":
+            shown[col] = [_or_dash(x, col) for x in shown[col]]
+    return shown.astype(str)
 
 
 @dataclass
@@ -266,13 +421,7 @@ class Table:
     shown: pd.DataFrame | None = None
 
     def view(self) -> pd.DataFrame:
-        if self.shown is not None:
-            return self.shown
-        shown = self.data.copy()
-        for col in shown.columns:
-            if shown[col].dtype.kind == "f":
-                shown[col] = [_or_dash(x, col) for x in shown[col]]
-        return shown.astype(str)
+        return _rounded(self.data) if self.shown is None else self.shown
 
 
 def write_table(table: Table, path: Path) -> tuple[list[Path], str]:
