@@ -250,3 +250,6 @@ def test_only_configurations_every_ranked_method_ran_on_are_scored(tmp_path):
     head = read(out, "headline").set_index("method")
     assert TEST[0] not in set(read(out, "configurations")["configuration"])
     assert head.loc["ifo", "mean Δacc"] == pytest.approx(5.0)  # over the three shared configurations (4, 5, 6)
+    chosen = read(out, "selection").set_index("family")
+    assert chosen.loc["ifo", "test mean Δacc"] == pytest.approx(5.0)  # the selection table: the same three
+    assert chosen.loc["ifo", "test configs"] == 3

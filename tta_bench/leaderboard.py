@@ -420,6 +420,8 @@ def task_report(task: str, task_runs: pd.DataFrame, at_d: pd.DataFrame, choice: 
         notes.append(f"{task}: {len(incomplete)} configuration(s) not scored, not every ranked method has a run on "
                      f"them: {'; '.join(f'{c} (no {m})' for c, m in incomplete.items())}")
         main, at_lr = (df[~df["configuration"].isin(incomplete)] for df in (main, at_lr))
+        if choice.families is not None:  # the oracle and the regret on the scored configurations too
+            choice.families = choose_heldout(main, split_validation(at_d)[1], choice.validation).families
     n_configs = f"{task}: {main['configuration'].nunique()} configuration(s), d = {_d(threshold)}"
     head = f"{n_configs}; {selection.caption()}"
     noops = no_ops(at_lr, choice.noop_everywhere)
