@@ -24,7 +24,7 @@ from tta_bench.tracking import JOB, KIND, run_tags
 from conftest import ToyTask
 from test_tracking import Server, _free_port
 
-TIMING = {"wall_seconds", "samples_per_s"}
+TIMING = {"wall_seconds", "samples_per_s", "seconds_per_sample"}
 
 
 def test_expand_crosses_lists_and_zips_pairs():
