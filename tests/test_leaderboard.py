@@ -10,7 +10,7 @@ from tta_bench import stats
 from tta_bench.cli import main
 from tta_bench.errors import TTAError
 from tta_bench.leaderboard import Selection, build
-from tta_bench.tables import HEADLINE_P, MIN_CI
+from tta_bench.tables import HEADLINE_P
 
 from lb_store import CONFIGS, LRS, METHODS, MODELS, SHIFTS, grid_store
 
@@ -312,40 +312,4 @@ def test_the_published_leaderboard_rebuilds_from_its_runs_tables(tmp_path, monke
         assert {p.name for p in table.parent.iterdir()} == rebuilt, task  # nothing stale, nothing missing
         for name in sorted(n for n in rebuilt if n.endswith(".csv")):
             before, now = pd.read_csv(table.parent / name), pd.read_csv(tmp_path / task / name)
-            methods = pd.read_csv(tmp_path / task / "methods.csv")
-            if "note" in now and "note" not in before:  # committed before no-ops left the Holm family
-                before = _with_no_ops_out_of_holm(before, now, methods)
-            md = table.parent / name.replace(".csv", ".md")
-            caption = md.read_text() if md.exists() else ""  # runs.csv: the input, no caption
-            if (comparable := _as_now(name, before, now, caption, methods)) is None:
-                continue  # built before issue 26 §4: other configurations by design, nothing to compare
-            pd.testing.assert_frame_equal(*comparable, check_exact=False, rtol=1e-9, obj=f"{task}/{name}")
-
-
-def _as_now(name: str, before: pd.DataFrame, now: pd.DataFrame, caption: str,
-            methods: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame] | None:
-    """(committed, rebuilt) as far as they are comparable where a table was committed before issue 26
-    §4's presentation (caption: its committed Markdown's); None: its numbers changed by design."""
-    if name in ("headline.csv", "methods.csv"):  # no CI under MIN_CI configurations
-        few = before["method"].map(methods.set_index("method")["configs"]) < MIN_CI
-        before.loc[few, ["CI95 low", "CI95 high"]] = math.nan
-    elif name == "configurations.csv" and "options that vary" not in caption:  # now: option columns, rank order
-        now = now[list(before.columns)]
-    elif name.startswith("by_corruption") and "corrupted configurations only" not in caption:
-        corrupted = [c for c in before.columns if c not in ("mean", "none")]  # now: clean apart, out of the mean
-        before, now = before[corrupted], now[corrupted]
-    elif "severity" in name and "corrupted configurations" not in caption:
-        return None  # by_severity: now like with like; by_model_severity_S: now without the clean configurations
-    return before, now
-
-
-def _with_no_ops_out_of_holm(before: pd.DataFrame, now: pd.DataFrame, methods: pd.DataFrame) -> pd.DataFrame:
-    """A headline or methods table built before issue 26, as the rule gives it now: the no-op rows
-    (a note) are out of the Holm family, the others adjusted over the rest, from the raw p-values."""
-    out = methods.set_index("method")["note"].isna()  # the methods that changed a prediction
-    raw = methods.set_index("method")
-    before = before.assign(note=before["method"].map(raw["note"]))[list(now.columns)]
-    for holm in (c for c in before.columns if c.endswith(" (Holm)")):
-        adjusted = pd.Series(stats.holm(raw[holm.removesuffix(" (Holm)")].where(out)), index=raw.index)
-        before[holm] = before["method"].map(adjusted)
-    return before
+            pd.testing.assert_frame_equal(before, now, check_exact=False, rtol=1e-9, obj=f"{task}/{name}")
