@@ -7,7 +7,8 @@ samples.parquet); a job with a run.json is done and skipped. Workers take whole 
 configurations first. A job whose model package is not installed yet is put back and retried (the
 weights can arrive in a later call). At the deadline no new job starts; one that started finishes.
 --pack writes OUT/runs.tgz (run.json + summary.csv of every finished run) and OUT/rows.parquet
-(every scored sample's rows, with the job key), read back by `benchmarks/fair_runs.py`."""
+(every scored sample's rows, with the job key); `tta-bench leaderboard --runs DIR` reads the
+unpacked run folders."""
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,8 @@ from pathlib import Path
 
 
 def priority(config: dict) -> tuple:
-    o = config["task_options"]
     """Validation first, then severity 5, each corruption on every model in turn."""
+    o = config["task_options"]
     return (o.get("subset") != "val", -int(o.get("severity", 5)), o.get("corruption", ""), o.get("model", ""))
 
 
@@ -87,7 +88,7 @@ def main() -> int:
     ap.add_argument("spec", type=Path)
     ap.add_argument("--runs", type=Path, required=True)
     ap.add_argument("--workers", type=int, default=os.cpu_count())
-    ap.add_argument("--deadline", type=float, default=math_inf(), help="seconds from now")
+    ap.add_argument("--deadline", type=float, default=float("inf"), help="seconds from now")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--pack", type=Path)
     ap.add_argument("--only", default="", help="comma-separated substrings; run only jobs whose label has one")
@@ -134,10 +135,6 @@ def main() -> int:
     if args.pack:
         pack(args.runs, args.pack)
     return 0
-
-
-def math_inf() -> float:
-    return float("inf")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ def summarize(rows: pd.DataFrame, wall_seconds: float, metrics: Sequence[str] = 
         acc0 = 100.0 * right0.mean() if n else float("nan")
         acc = 100.0 * right.mean() if n else float("nan")
         n_fixed, n_broken = int((~right0 & right).sum()), int((right0 & ~right).sum())
+        # over every sample scanned (NaN for none)
+        all0, all1 = (100.0 * (g[c] == g["label"]).mean() if n_total else float("nan")
+                      for c in ("pred_source", "pred"))
         out.append({
             "lr": float(lr),
             "n_total": n_total,
@@ -35,10 +38,9 @@ def summarize(rows: pd.DataFrame, wall_seconds: float, metrics: Sequence[str] = 
             "n_fixed": n_fixed,
             "n_broken": n_broken,
             "p_mcnemar": mcnemar_exact(n_fixed, n_broken),
-            "acc_source_all": 100.0 * (g["pred_source"] == g["label"]).mean() if n_total else float("nan"),
-            "acc_adapted_all": 100.0 * (g["pred"] == g["label"]).mean() if n_total else float("nan"),
-            "delta_acc_all": 100.0 * ((g["pred"] == g["label"]).mean() - (g["pred_source"] == g["label"]).mean())
-            if n_total else float("nan"),
+            "acc_source_all": all0,
+            "acc_adapted_all": all1,
+            "delta_acc_all": all1 - all0,
             "n_updated": int(s["updated"].sum()),
             "n_nonfinite": int(s["nonfinite"].sum()),
             "forwards_per_sample": float(s["forwards"].mean()) if n else 0.0,
