@@ -48,8 +48,7 @@ class IFo(Method):
     default_lr = 2.05e-2  # the paper's ImageNet learning rate
     batchable = True
     hparams = {
-        "n_focus": HParam(2, int, "number of focus classes |F|", check=lambda n: n >= 1,
-                          check_msg="must be >= 1"),
+        "n_focus": HParam(2, int, "number of focus classes |F|", interval="[1, 100000]"),
         "weighted": HParam(True, bool, "weight each focus term by its source probability"),
         "loss": HParam("logits", str, "logits | xent | entropy (paper Experiments 9, 10)", choices=LOSSES),
     }

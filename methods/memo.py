@@ -10,8 +10,10 @@ import math
 import torch
 from torch import Tensor
 
-from tta_bench.hparams import HParam
+from tta_bench.hparams import SEEDS, HParam
 from tta_bench.method import Method, Step
+
+MAX_VIEWS = 256  # a stated cap, 4x the paper's 64: each view is a forward and a backward per sample
 
 
 class Memo(Method):
@@ -20,9 +22,9 @@ class Memo(Method):
     default_lr = 2.5e-4
     task_kinds = frozenset({"image"})
     hparams = {
-        "views": HParam(16, int, "augmented views B (the paper: 64)", check=lambda v: v >= 1,
-                        check_msg="must be >= 1"),
-        "seed": HParam(0, int, "seed of the augmentations (combined with the sample index)"),
+        "views": HParam(16, int, "augmented views B (the paper: 64)", interval=f"[1, {MAX_VIEWS}]"),
+        "seed": HParam(0, int, "seed of the augmentations (combined with the sample index)",
+                       interval=SEEDS),
     }
 
     def loss(self, step: Step) -> Tensor:

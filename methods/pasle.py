@@ -21,9 +21,8 @@ class Pasle(Method):
     default_lr = 5e-5  # the paper's Table 2 setting under this protocol
     scoring_hparams = ("gate",)  # gate=own scores other samples than the shared gate
     hparams = {
-        "tau": HParam(0.6, float, "certainty margin τ", check=lambda v: 0 < v < 1, check_msg="must be in (0, 1)"),
-        "temperature": HParam(0.8, float, "softmax temperature T", check=lambda v: v > 0,
-                              check_msg="must be > 0"),
+        "tau": HParam(0.6, float, "certainty margin τ", interval="(0, 1)"),
+        "temperature": HParam(0.8, float, "softmax temperature T", interval="(0, 100]"),
         "gate": HParam("shared", str, "shared: the Δ1,2 < d gate; own: PASLE's split (Δ1,2 < τ)",
                        choices=("shared", "own")),
     }

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tta_bench.errors import TTAError
-from tta_bench.hparams import HParam
+from tta_bench.hparams import SEEDS, HParam
 from tta_bench.method import Method, Step
 from tta_bench.task import Task
 
@@ -31,7 +31,7 @@ class Retrieval(Method):
     task_kinds = frozenset({"text"})
     hparams = {
         "n_select": HParam(50, int, "sequences selected and stepped on (N; the paper: 50)",
-                           check=lambda n: n >= 1, check_msg="must be >= 1"),
+                           interval="[1, 100000]"),
     }
 
     def supports(self, task: Task) -> None:
@@ -82,9 +82,9 @@ class Sift(Retrieval):
     hparams = {
         **Retrieval.hparams,
         "llambda": HParam(0.01, float, "SIFT's λ′ (relevance vs diversity; the paper: 0.01)",
-                          check=lambda v: v > 0, check_msg="must be > 0"),
+                          interval="(0, inf)"),
         "candidates": HParam(200, int, "nearest neighbours pre-selected for SIFT (the paper: 200)",
-                             check=lambda n: n >= 1, check_msg="must be >= 1"),
+                             interval="[1, 1000000]"),
     }
 
     def choose(self, space, window, exclude, index):
@@ -100,7 +100,8 @@ class Random(Retrieval):
     name = "random"
     description = "fine-tune on N uniform data-space sequences (a control; text)"
     hparams = {**Retrieval.hparams,
-               "seed": HParam(0, int, "seed of the draw (combined with the sample index)")}
+               "seed": HParam(0, int, "seed of the draw (combined with the sample index)",
+                               interval=SEEDS)}
 
     def choose(self, space, window, exclude, index):
         allowed = np.setdiff1d(np.arange(len(space)), exclude)

@@ -56,11 +56,10 @@ class SAR(NormStatsMethod):
     default_lr = 3.1e-6  # the paper's Table 2 setting under this protocol
     hparams = {
         "e0": HParam(None, float, "entropy filter E0; none: e0_frac·ln|C|", nullable=True,
-                     check=lambda v: v > 0, check_msg="must be > 0"),
+                     interval="(0, 100]"),
         "e0_frac": HParam(0.4, float, "E0 as a fraction of ln|C| (the official 0.4), unless e0 is given",
-                          check=lambda v: v > 0, check_msg="must be > 0"),
-        "rho": HParam(0.05, float, "SAM neighbourhood radius", check=lambda v: v > 0,
-                      check_msg="must be > 0"),
+                          interval="(0, 1]"),
+        "rho": HParam(0.05, float, "SAM neighbourhood radius", interval="(0, 10]"),
         **NormStatsMethod.hparams,
     }
 

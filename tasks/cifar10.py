@@ -186,6 +186,14 @@ class Cifar10(Task):
         self.data()
         zoo.check(self.opts.model)
 
+    def data_identity(self) -> str | None:
+        """The given data files' hashes (--data-file, or --data-dir's release file and labels); the
+        shipped test set is fixed by the package."""
+        if not (self.opts.data_file or self.opts.data_dir):
+            return None
+        files = [self.path] + ([self.release.parent / "labels.npy"] if self.release is not None else [])
+        return " ".join(_sha256(f) for f in files)
+
     def load_model(self) -> nn.Module:
         return zoo.load(self.opts.model)
 
@@ -250,4 +258,12 @@ class Cifar10(Task):
         return meta
 
 
-_sha256 = cache(file_sha256)  # the data files' hashes, once per process
+def _sha256(path: Path) -> str:
+    """A data file's hash, computed once per version of the file (its size and mtime)."""
+    stat = Path(path).stat()
+    return _hashed(Path(path), stat.st_size, stat.st_mtime_ns)
+
+
+@cache
+def _hashed(path: Path, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)

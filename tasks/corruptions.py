@@ -637,6 +637,7 @@ class CorruptedSet:
         store, done = cached if cached is not None else (np.zeros((len(images), 32, 32, 3), np.uint8),
                                                          np.zeros(len(images), bool))
         self.store, self.done = store.copy(), done.copy()
+        self.unwritable = False  # a cache write failed (warned once)
 
     def take(self, indices: np.ndarray) -> np.ndarray:
         """uint8 [len(indices), 32, 32, 3], computing (and caching) the images not yet done."""
@@ -649,7 +650,14 @@ class CorruptedSet:
             self.store[i] = _apply(self.images[i], self.name, self.severity, int(i), CIFAR_C)
             self.done[i] = True
         if len(missing) or not self.on_disk:
-            _write_cache(self.path, self.store, self.done)
+            try:
+                _write_cache(self.path, self.store, self.done)
+            except OSError as err:  # unwritable or full: the images are right, only not kept for next time
+                if not self.unwritable:
+                    warnings.warn(f"cannot write the corruption cache {self.path.parent} ({err.strerror or err}); "
+                                  f"corrupted images are computed without it (set TTA_BENCH_CACHE to a writable "
+                                  f"folder)", stacklevel=2)
+                self.unwritable = True
             self.on_disk = True
         return self.store[indices]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,7 +261,12 @@ def build(tokens: np.ndarray, offsets: np.ndarray, embedder: Embedder, key: dict
     index = faiss.IndexFlatIP(embeddings.shape[1])
     index.add(embeddings)
     seconds = time.perf_counter() - t0
-    size = _save(folder, embeddings, index, key, seconds)
+    try:
+        size = _save(folder, embeddings, index, key, seconds)
+    except OSError as err:  # unwritable or full: this run uses it all the same, the next rebuilds it
+        warnings.warn(f"cannot write the data-space cache {folder} ({err.strerror or err}); it is used uncached "
+                      f"(set TTA_BENCH_CACHE to a writable folder)")
+        size = int(embeddings.nbytes)
     info.update(build_seconds=seconds, size_bytes=size, from_cache=False)
     return DataSpace(tokens, offsets, embeddings, on_gpu(index), embedder, info)
 

@@ -4,6 +4,7 @@ corrupted: `corruption` reads the released ImageNet-C (DIR/<corruption>/<severit
 (resize 256, center crop 224, tasks.corruptions.corrupt_imagenet seeded by the sample index)."""
 from __future__ import annotations
 
+import hashlib
 import os
 from functools import cached_property
 from pathlib import Path
@@ -192,6 +193,13 @@ class ImageNet(Task):
     def augmenter(self):
         mean, std = torch.tensor(self.transforms.mean), torch.tensor(self.transforms.std)
         return augmix_views(255.0 * std, 255.0 * mean)
+
+    def data_identity(self) -> str:
+        """A hash of the images' names and sizes under the data folder (reading 50,000 JPEGs on
+        every resume would cost minutes; an edit that keeps a file's size goes unnoticed)."""
+        root = self.source[1]
+        listing = "\n".join(f"{f.relative_to(root)} {f.stat().st_size} {label}" for f, label in self.files)
+        return hashlib.sha256(listing.encode()).hexdigest()
 
     def metadata(self) -> dict:
         kind, folder = self.source

@@ -59,20 +59,31 @@ def embedded_gguf() -> Path:
     return path
 
 
+def folder_files(folder: Path) -> dict[str, dict]:
+    """{relative path: {sha256, size}} of every file in `folder` but the manifest."""
+    return {str(f.relative_to(folder)): {"sha256": file_sha256(f), "size": f.stat().st_size}
+            for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST}
+
+
 def _cache_is_valid(folder: Path, source_sha: str) -> bool:
+    """The manifest is this source's and every file is as it was written: none edited, truncated,
+    deleted or added (a changed tokenizer, config or template would change every prediction)."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-        weights = folder / "model.safetensors"
-        return (manifest["source_sha256"] == source_sha and weights.stat().st_size == manifest["size"]
-                and file_sha256(weights) == manifest["sha256"])
-    except (OSError, ValueError, KeyError):
+        recorded = manifest["files"]
+        present = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file() and f.name != MANIFEST)
+        return (manifest["source_sha256"] == source_sha and present == sorted(recorded)
+                and all((folder / name).stat().st_size == f["size"] for name, f in recorded.items())
+                and all(file_sha256(folder / name) == f["sha256"] for name, f in recorded.items()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
 
 def weights_cache(name: str, source: Path, fill: Callable[[Path], None]) -> Path:
     """A cached folder of weights made once from a packaged `source` file by `fill(folder)`, which
-    writes model.safetensors (and config, tokenizer): keyed by the source's sha256, verified on
-    every use, and (re)built in a temporary folder that replaces a missing or corrupt one."""
+    writes model.safetensors (and config, tokenizer): keyed by the source's sha256, every file
+    verified on every use, and (re)built in a temporary folder that replaces a missing, damaged
+    or edited one."""
     source_sha = file_sha256(source)
     folder = cache_root() / "models" / f"{name}-{source_sha[:12]}"
     if _cache_is_valid(folder, source_sha):
@@ -80,10 +91,16 @@ def weights_cache(name: str, source: Path, fill: Callable[[Path], None]) -> Path
 
     def fill_and_record(tmp: Path) -> None:
         fill(tmp)
-        weights = tmp / "model.safetensors"
+        files = folder_files(tmp)
         (tmp / MANIFEST).write_text(json.dumps({"source": str(source), "source_sha256": source_sha,
-                                                "sha256": file_sha256(weights), "size": weights.stat().st_size}))
-    replace_folder(folder, fill_and_record)
+                                                "sha256": files["model.safetensors"]["sha256"],  # its version
+                                                "size": files["model.safetensors"]["size"],
+                                                "files": files}, indent=1))
+    try:
+        replace_folder(folder, fill_and_record)
+    except OSError as err:
+        raise TTAError(f"cannot write the model cache {folder} ({err.strerror or err}); set TTA_BENCH_CACHE to a "
+                       f"writable folder with 1 GB free") from None
     return folder
 
 

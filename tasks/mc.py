@@ -174,6 +174,15 @@ class MultipleChoice(LanguageTask):
         seed = self.opts.shuffle_seed
         return [shuffled(records[i], seed, i) if seed >= 0 else records[i] for i in self.question_indices]
 
+    def data_identity(self) -> str | None:
+        """The contents' hash of --data-files (the embedded and hub sets are fixed by name)."""
+        if not self.opts.data_files:
+            return None
+        digest = hashlib.sha256()
+        for name in self.opts.data_files.split(","):
+            digest.update(Path(name).expanduser().read_bytes() + b"\0")
+        return digest.hexdigest()
+
     @property
     def use_chat(self) -> bool:
         has = getattr(self.lm.tokenizer, "chat_template", None) is not None

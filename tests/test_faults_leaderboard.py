@@ -4,7 +4,9 @@ import json
 import shutil
 import socket
 import time
+from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import tta_bench
@@ -207,3 +209,26 @@ def test_one_bad_folder_does_not_stop_the_sync(capsys, store, tmp_path):
     tracker = Tracker(uri, "up")
     for name in ("entropy", "ifo"):
         assert tracker.find(RunResult.load(tree / name).key) is not None
+
+
+@pytest.mark.parametrize("column,value,need", [
+    ("lr", "-0.0205", "a finite number > 0"),
+    ("lr", "inf", "a finite number > 0"),
+    ("lr", "abc", "a finite number > 0"),
+    ("threshold", "abc", "a finite number >= 0"),
+    ("threshold", "-1", "a finite number >= 0"),
+    ("delta_acc", "abc", "a finite number (or empty)"),
+    ("delta_acc", "-inf", "a finite number (or empty)"),
+])
+def test_runs_table_cells_are_validated(capsys, tmp_path, column, value, need):
+    """A bad cell of a runs table (--runs) is one line naming file, line and column; nothing is
+    built (before: a traceback, or a NaN or inf that moved the headline)."""
+    published = Path(__file__).parent.parent / "leaderboard" / "mc" / "runs.csv"
+    runs = pd.read_csv(published, dtype=str)
+    runs.loc[3, column] = value
+    path = tmp_path / "runs.csv"
+    runs.to_csv(path, index=False)
+    code, _, err = run_cli(capsys, "leaderboard", "--runs", str(path), "--out", str(tmp_path / "o"))
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{path} (--runs), line 5, column {column}: {value!r} is not {need}" in err
+    assert not (tmp_path / "o").exists()

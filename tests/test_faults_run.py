@@ -374,3 +374,71 @@ def test_offline_hub_dataset_fails_at_once(tmp_path, argv):
     elapsed, proc = seconds("-m", "tta_bench.cli", "run", "--no-tracking", *argv)
     assert proc.returncode == 2 and one_line(proc.stderr) and "OfflineModeIsEnabled" in proc.stderr, proc.stderr
     assert elapsed - imports < 12, (elapsed, imports)
+
+
+def test_a_second_run_into_a_running_runs_out_is_refused(tmp_path):
+    """Two runs started together into one --out (different lrs): the second is refused with one
+    line naming the first's pid, even with --overwrite; the first's result is whole."""
+    out = tmp_path / "o"
+    first = _toy_cli(tmp_path, 0.2, "later", "--out", str(out), "--no-tracking", "--lr", "0.01")
+    _wait_for(tmp_path / "mark", first)
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        second = _toy_cli(tmp_path, 0, "later", "--out", str(out), "--no-tracking", "--lr", "0.5", *extra)
+        _, err = second.communicate(timeout=120)
+        assert second.returncode == 2 and one_line(err), err
+        assert f"--out {out} is in use by another tta-bench run (pid {first.pid})" in err
+    first.send_signal(signal.SIGTERM)  # it runs on undisturbed until stopped
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 130, err
+    record = json.loads((out / "run.json").read_text())
+    assert record["config"]["protocol"]["lrs"] == [0.01] and record["interrupted"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.parquet", "run.json", "samples.parquet", "summary.csv"]
+
+
+def test_skip_unreadable_with_nothing_readable_is_no_result(capsys, tmp_path, imagenet_dir):
+    """Every image unreadable: one line, no run folder and no MLflow run that could mask a good
+    run of the same configuration on the leaderboard."""
+    for image in imagenet_dir.rglob("*.JPEG"):
+        image.write_bytes(b"not a jpeg")
+    out = tmp_path / "o"
+    code, _, err = _imagenet(capsys, imagenet_dir, out, "--skip-unreadable",
+                             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert code == 2 and one_line(err) and "none of the 6 samples of task imagenet could be read" in err, err
+    assert not out.exists() and _finished_runs(tmp_path) == []
+
+
+def test_sync_refuses_rows_that_do_not_belong_to_their_record(capsys, tmp_path, toy_task):
+    from tta_bench import RunOptions, get_method, run
+    from tta_bench.engine import Protocol
+    out = tmp_path / "o"
+    run(toy_task, get_method("ifo"), Protocol(lrs=(0.01,)), RunOptions(progress=False, track=False, out=out))
+    rows = pd.read_parquet(out / "samples.parquet")
+    for damaged, why in ((pd.concat([rows, rows.head(10)]), "it has 50 rows, the record counts 40 over 1 learning rate(s)"),
+                         (rows.head(20), "it has 20 rows, the record counts 40 over 1 learning rate(s)"),
+                         (rows.assign(index=0), "a sample appears twice")):
+        damaged.to_parquet(out / "samples.parquet")
+        code, _, err = run_cli(capsys, "sync", str(out), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}")
+        assert code == 2 and one_line(err) and f"samples.parquet does not belong to its run.json ({why})" in err, err
+    assert _finished_runs(tmp_path) == []
+
+
+def test_sigkill_loses_at_most_one_checkpoint_interval(tmp_path):
+    """SIGKILL (no handler runs): the first block was checkpointed at once, so the run resumes
+    from it instead of starting over, to the rows of an uninterrupted run."""
+    out, argv = tmp_path / "o", ("--no-tracking", "--limit", "120")
+    proc = _toy_cli(tmp_path, 0.02, "later", "--out", str(out), *argv)
+    _wait_for(out / "checkpoint.parquet", proc)
+    time.sleep(0.3)
+    proc.kill()
+    proc.communicate(timeout=60)
+    kept = pd.read_parquet(out / "checkpoint.parquet")
+    assert 0 < kept["index"].nunique() < 120
+    resumed = _toy_cli(tmp_path, 0, "later", "--out", str(out), "--resume", *argv)
+    _, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    assert json.loads((out / "run.json").read_text())["metadata"]["resumed_from_sample"] == kept["index"].nunique()
+    whole = _toy_cli(tmp_path, 0, "later", "--out", str(tmp_path / "whole"), *argv)
+    assert whole.wait(120) == 0
+    rows, expected = (pd.read_parquet(p / "samples.parquet").drop(columns=["seconds", "select_seconds"])
+                      for p in (out, tmp_path / "whole"))
+    pd.testing.assert_frame_equal(rows, expected)

@@ -286,7 +286,7 @@ def test_runs_tables_merge_with_the_store_and_the_latest_run_counts(store, tmp_p
     (None, "no runs table at"),
     ("task,method\ntoy,ifo\n", "is not a runs table of tta-bench leaderboard: no column(s) method_name, configuration"),
     ("task,method_name,configuration,method,lr,threshold,start\ntoy,ifo,toy,ifo,fast,0.16,2026-01-01\n",
-     "1 row(s) without a task, configuration, method or numeric lr (first: line 2)"),
+     "runs.csv (--runs), line 2, column lr: 'fast' is not a finite number > 0"),
 ])
 def test_a_bad_runs_table_is_a_clear_error(tmp_path, capsys, content, message):
     path = tmp_path / "runs.csv"

@@ -201,3 +201,42 @@ def test_cifar_npz_variants(tmp_path):
         np.savez(tmp_path / f"{i}.npz", images=images, labels=labels)
         with pytest.raises(TTAError, match="expected an .npz"):
             load_cifar10(tmp_path / f"{i}.npz")
+
+
+def _numeric_hparams() -> list[tuple[str, str, object]]:
+    from tta_bench.registry import list_methods, method_class
+
+    return [(m, name, hp) for m in list_methods() for name, hp in method_class(m).hparams.items()
+            if hp.type in (int, float)]
+
+
+def test_every_numeric_hyperparameter_declares_its_range():
+    for method, name, hp in _numeric_hparams():
+        assert hp.interval, f"{method}: {name} has no interval"
+        assert hp.default is None and hp.nullable or hp.within(hp.default), (method, name)
+
+
+def _edges(hp) -> list:
+    """The interval's ends, just inside and just outside them, and every non-finite number."""
+    low, high = hp.bounds()[:2]
+    step = 1 if hp.type is int else 1e-9
+    near = [v for end in (low, high) if np.isfinite(end) for v in (end, end - step, end + step)]
+    return near + [0, -1, 1e308, -1e308, 2**32, 2**64, 10**30, "nan", "inf", "-inf", "1e999"]
+
+
+@SETTINGS
+@given(data=st.data())
+def test_hyperparameters_are_range_checked_for_every_method(data):
+    """-H name=value of every registered method: accepted only inside the declared interval (and
+    finite), otherwise one line saying the range; the parsed value is what the method gets."""
+    from tta_bench.registry import get_method
+
+    method, name, hp = data.draw(st.sampled_from(_numeric_hparams()))
+    value = data.draw(st.one_of(st.sampled_from(_edges(hp)), st.floats(), st.integers(-2**70, 2**70)))
+    text = str(value) if hp.type is int or isinstance(value, str) else repr(value)
+    try:
+        got = getattr(get_method(method, **{name: text}).hp, name)
+    except TTAError as err:
+        assert "\n" not in str(err) and name in str(err)
+        return
+    assert np.isfinite(got) and hp.within(got), (method, name, text, got)

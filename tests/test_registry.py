@@ -21,7 +21,7 @@ def test_unknown_method_lists_the_available_ones():
 
 @pytest.mark.parametrize("hp,match", [
     ({"weighted": "maybe"}, r"weighted='maybe' is not a valid bool"),
-    ({"n_focus": 0}, r"n_focus=0 is invalid: must be >= 1"),
+    ({"n_focus": 0}, r"n_focus=0 is out of range: it must be an integer in \[1, 100000\]"),
     ({"n_focus": 1.5}, r"not a valid int"),
     ({"loss": "hinge"}, r"loss='hinge' is not allowed; choose one of: logits, xent, entropy"),
     ({"lr": 1}, r"method ifo has no option lr; its options are: n_focus \(default 2\), weighted"),

@@ -2,11 +2,16 @@
 it stopped instead of starting over (a reader sees the previous file or the next, never half)."""
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import pandas as pd
 import pyarrow as pa
@@ -28,33 +33,102 @@ class Progress:
     attempts: list[dict] = field(default_factory=list)  # each attempt's samples and environment
 
 
-def save(path: Path, progress: Progress, fingerprint: str) -> None:
+def save(path: Path, progress: Progress, settings: dict) -> None:
+    """`settings`: everything that changes the rows (see `load`)."""
     table = pa.Table.from_pandas(progress.rows, preserve_index=False)
-    meta = {"fingerprint": fingerprint, "n_seen": progress.n_seen, "n_uncertain": progress.n_uncertain,
-            "wall": progress.wall, "skipped": progress.skipped, "attempts": progress.attempts}
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), META: json.dumps(meta).encode()})
+    meta = {"fingerprint": fingerprint(settings), "settings": settings, "n_seen": progress.n_seen,
+            "n_uncertain": progress.n_uncertain, "wall": progress.wall, "skipped": progress.skipped,
+            "attempts": progress.attempts}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                           META: json.dumps(meta, default=str).encode()})
     write_atomically(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def _flat(settings: object, prefix: str = "") -> dict[str, str]:
+    """{"protocol.lrs": "[0.1]", ...}: what differs between two settings, named."""
+    if not isinstance(settings, dict):
+        return {}
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = json.dumps(value, default=str)
+    return out
+
+
+def fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """`write` fills a temporary file beside `path`, which then replaces `path` in one rename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.parent.mkdir(parents=True, exist_ok=True)  # a run's --out is made when it has rows to keep
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # e.g. a full disk: no half-written file (or folder) is left behind
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise
 
 
-def load(path: Path, fingerprint: str) -> Progress | None:
+def load(path: Path, settings: dict, n_lrs: int) -> Progress | None:
+    """The progress saved in `path` (None if there is none), after checking that it was written by
+    a run of the same `settings` and that its rows are whole: every learning rate's rows for each
+    of the samples its metadata counts, each sample once."""
     if not path.is_file():
         return None
+    delete = "delete it to start this run over"
     try:
         table = pq.read_table(path)
         meta = json.loads(table.schema.metadata[META])
-    except (OSError, KeyError, ValueError, pa.ArrowException) as err:
-        raise TTAError(f"checkpoint {path} is unreadable ({err}); delete it to start this run over") from None
-    if meta["fingerprint"] != fingerprint:
-        raise TTAError(f"checkpoint {path} was written by a run of another configuration (task, method, "
-                       f"hyperparameters, protocol, limits, seed or the data differ); resume with the stopped run's "
-                       f"settings, or delete it to start over")
-    return Progress(table.to_pandas(), meta["n_seen"], meta["n_uncertain"], meta["wall"], meta.get("skipped", []),
-                    meta.get("attempts", []))
+        n_seen, n_uncertain, wall = int(meta["n_seen"]), int(meta["n_uncertain"]), float(meta["wall"])
+        skipped, attempts = list(meta.get("skipped", [])), list(meta.get("attempts", []))
+        written = meta["fingerprint"]
+    except (OSError, KeyError, ValueError, TypeError, pa.ArrowException) as err:
+        why = f"its metadata lacks {err}" if isinstance(err, KeyError) else str(err).strip().splitlines()[0]
+        raise TTAError(f"checkpoint {path} is unreadable ({why}); {delete}") from None
+    if written != fingerprint(settings):
+        was, now = _flat(meta.get("settings")), _flat(settings)
+        changed = [f"{k} {was.get(k, 'unset')} then, {now.get(k, 'unset')} now" for k in sorted(set(was) | set(now))
+                   if was.get(k) != now.get(k)]
+        what = "; ".join(changed) if was else ("task, method, hyperparameters, protocol, limits, seed, batch size, "
+                                               "adapt block or the data differ")
+        raise TTAError(f"checkpoint {path} was written by a run of another configuration ({what}); resume with "
+                       f"the stopped run's settings, or {delete}")
+    rows = table.to_pandas()
+    n_rows = n_seen - len(skipped)  # samples with rows
+    per_lr = rows.groupby("lr")["index"] if {"lr", "index"} <= set(rows.columns) else None
+    whole = (per_lr is not None and len(rows) == n_rows * n_lrs and (rows.empty or per_lr.ngroups == n_lrs)
+             and all(g.is_unique and len(g) == n_rows for _, g in per_lr)
+             and (rows.empty or per_lr.apply(lambda g: frozenset(g)).nunique() == 1)
+             and int(rows["uncertain"].sum()) == n_uncertain * n_lrs)
+    if not whole:
+        raise TTAError(f"checkpoint {path} is damaged: its rows do not match its record ({len(rows)} rows for "
+                       f"{n_rows} samples × {n_lrs} learning rates); {delete}")
+    return Progress(rows, n_seen, n_uncertain, wall, skipped, attempts)
+
+
+def try_lock(file: IO[str], mode: int) -> int | None:
+    """None once `file` is locked (flock), else the pid of the process holding it (0: not known yet)."""
+    try:
+        fcntl.flock(file, mode | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        file.seek(0)
+        text = file.read().strip()
+        return int(text) if text.isdigit() else 0
+
+
+@contextmanager
+def lock(path: Path) -> Iterator[int | None]:
+    """Holds an exclusive lock on the file `path`, with this pid in it, for the block and yields
+    None; or yields the pid of the live process that holds it (the block must then leave alone
+    what it guards). The lock ends with the process, however it ends."""
+    with open(path, "a+") as file:
+        if (holder := try_lock(file, fcntl.LOCK_EX)) is None:
+            file.truncate(0)
+            file.write(str(os.getpid()))
+            file.flush()
+        yield holder

@@ -10,12 +10,13 @@ import time
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Iterator, NoReturn, Sequence
 
 import torch
 
 from .engine import LR_GRIDS, OPTIMIZERS, Protocol
 from .checkpoint import FILE as CHECKPOINT
+from .checkpoint import lock
 from .errors import TTAError
 from .hparams import parse_assignments
 from .registry import get_method, get_task, list_methods, list_tasks, method_class, task_class
@@ -173,7 +174,7 @@ def build_parser() -> Parser:
     sw.add_argument("--timeout-min", type=int, default=60 * 24, help="submitit: minutes per job")
     sw.add_argument("--gpus-per-job", type=int, default=0, help="submitit: GPUs per job")
     sw.add_argument("--state", type=Path, help="state folder (default sweeps-state/NAME)")
-    sw.add_argument("--checkpoint-every", type=int, default=200, help="samples between checkpoints (default 200; and at most 5 minutes between them)")
+    sw.add_argument("--checkpoint-every", type=int, default=200, help="samples between checkpoints (default 200; and at most 60 s between them)")
     sw.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     sw.add_argument("--experiment", help="MLflow experiment (default: the spec's experiment, else its name)")
     return parser
@@ -197,6 +198,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                         steps=args.steps, clip=args.clip, optimizer=args.optimizer or method.default_optimizer,
                         momentum=args.momentum, weight_decay=args.weight_decay)
     out = args.out or default_out(task, method)
+    with _only_run_in(out):
+        return _run_in(out, args, task, method, protocol)
+
+
+def _run_in(out: Path, args: argparse.Namespace, task, method, protocol: Protocol) -> int:
     ckpt = _checkpoint_in(out, args.resume, args.overwrite, args.out is not None)
     options = RunOptions(limit=args.limit, max_uncertain=args.max_uncertain, batch_size=args.batch_size,
                          seed=args.seed, device=args.device, tf32=args.tf32,
@@ -224,6 +230,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+RUN_LOCK = ".tta-bench-run.lock"  # in --out, locked by the run writing there
+
+
+@contextlib.contextmanager
+def _only_run_in(out: Path) -> Iterator[None]:
+    """The block runs as the only tta-bench run writing to `out` (a second is refused with one
+    line naming the first's pid). A refused or failed run leaves no folder behind."""
+    _check_writable(out)
+    created = [p for p in (out, *out.parents) if not p.exists()]
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with lock(out / RUN_LOCK) as holder:
+            if holder is not None:
+                raise TTAError(f"--out {out} is in use by another tta-bench run (pid {holder or 'unknown'}); "
+                               f"wait for it to end, or pass another --out")
+            try:
+                yield
+            finally:
+                (out / RUN_LOCK).unlink(missing_ok=True)
+    finally:
+        for folder in created:  # innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
 def _checkpoint_in(out: Path, resume: bool, overwrite: bool, named: bool) -> Path:
     """The checkpoint a run in `out` writes as it goes, after checking that the folder fits the
     flags: --resume needs a stopped run's checkpoint there, a fresh run an empty folder (or
@@ -244,7 +275,6 @@ def _checkpoint_in(out: Path, resume: bool, overwrite: bool, named: bool) -> Pat
     if not resume and not overwrite and (out / "run.json").exists():
         raise TTAError(f"--out {out} already holds a run (run.json); choose another folder, or pass "
                        "--overwrite to replace it")
-    _check_writable(out)
     if overwrite:
         ckpt.unlink(missing_ok=True)
     return ckpt
@@ -273,7 +303,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.what == "methods":
         for name in list_methods():
             cls = method_class(name)
-            hp = " ".join(f"{k}={v.default}" for k, v in cls.hparams.items())
+            hp = ", ".join(f"{k}={v.default}" + (f" in {v.interval}" if v.interval else "") for k, v in cls.hparams.items())
             print(f"{name:12} {cls.description}" + (f"  [{hp}]" if hp else ""))
     elif args.what == "tasks":
         for name in list_tasks():

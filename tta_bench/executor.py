@@ -31,11 +31,11 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
-from .checkpoint import FILE, write_atomically
+from .checkpoint import FILE, lock, try_lock, write_atomically
 from .errors import TTAError
 from .signals import die_with_parent, shielded, sigterm_as_interrupt
 from .sweep import Job
@@ -80,34 +80,17 @@ def read_status(folder: Path) -> dict | None:
         return None
 
 
-def _try_lock(file: IO[str], mode: int) -> int | None:
-    """None once `file` is locked, else the pid of the process holding it (0: not known yet)."""
-    try:
-        fcntl.flock(file, mode | fcntl.LOCK_NB)
-        return None
-    except BlockingIOError:
-        file.seek(0)
-        text = file.read().strip()
-        return int(text) if text.isdigit() else 0
-
-
-@contextmanager
-def job_lock(folder: Path) -> Iterator[int | None]:
-    """Holds the job folder's lock, with this pid in it, for the block and yields None; or yields
-    the pid of the live process that holds it (the block must then leave the folder alone)."""
-    with open(folder / LOCK, "a+") as file:
-        if (holder := _try_lock(file, fcntl.LOCK_EX)) is None:
-            file.truncate(0)
-            file.write(str(os.getpid()))
-            file.flush()
-        yield holder
+def job_lock(folder: Path) -> AbstractContextManager[int | None]:
+    """Holds the job folder's lock for the block (yields None), or yields the pid of the live
+    process that holds it (the block must then leave the folder alone)."""
+    return lock(folder / LOCK)
 
 
 def lock_holder(folder: Path) -> int | None:
     """The pid of the live process running the job in `folder` (0: not known yet), if any."""
     try:
         with open(folder / LOCK) as file:
-            return _try_lock(file, fcntl.LOCK_SH)
+            return try_lock(file, fcntl.LOCK_SH)
     except OSError:  # no lock file yet (or unreadable: the worker will say why)
         return None
 

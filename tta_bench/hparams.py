@@ -1,6 +1,7 @@
 """Declared, typed, validated options for methods and tasks."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -8,11 +9,14 @@ from .errors import TTAError
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
+SEEDS = "[0, 4294967295]"  # the seeds numpy and torch accept
 
 
 @dataclass(frozen=True)
 class HParam:
-    """One option: its default, type, allowed values and an optional extra check."""
+    """One option: its default, type, allowed values and an optional extra check. A number is
+    always finite, and a method's numbers declare their range as an `interval`, e.g. "(0, 1)",
+    "[1, 256]" or "(0, inf)" (any finite positive value)."""
 
     default: Any
     type: type = float
@@ -21,6 +25,13 @@ class HParam:
     check: Callable[[Any], bool] | None = None
     check_msg: str = ""
     nullable: bool = False  # "none" is a valid value
+    interval: str | None = None
+
+    def bounds(self) -> tuple[float, float, bool, bool]:
+        """(low, high, low included, high included) of `interval`."""
+        text = (self.interval or "(-inf, inf)").strip()
+        low, high = (float(x) for x in text[1:-1].split(","))
+        return low, high, text[0] == "[", text[-1] == "]"
 
     def parse(self, name: str, value: Any) -> Any:
         """Convert (from a string, if need be) and validate; raise TTAError otherwise."""
@@ -30,12 +41,21 @@ class HParam:
             value = _convert(self.type, value)
         except (TypeError, ValueError):
             raise TTAError(f"{name}={value!r} is not a valid {self.type.__name__}") from None
+        if self.type in (int, float) and not self.within(value):
+            kind = "an integer" if self.type is int else "a finite number"
+            raise TTAError(f"{name}={value!r} is out of range: it must be {kind} in {self.interval}"
+                           if self.interval else f"{name}={value!r} is not {kind}")
         if self.choices is not None and value not in self.choices:
             allowed = ", ".join(map(str, self.choices))
             raise TTAError(f"{name}={value!r} is not allowed; choose one of: {allowed}")
         if self.check is not None and not self.check(value):
             raise TTAError(f"{name}={value!r} is invalid: {self.check_msg}")
         return value
+
+    def within(self, value: float) -> bool:
+        low, high, closed_low, closed_high = self.bounds()
+        return ((isinstance(value, int) or math.isfinite(value)) and (low < value or closed_low and low == value)
+                and (value < high or closed_high and value == high))
 
 
 def _convert(kind: type, value: Any) -> Any:

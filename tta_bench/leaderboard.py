@@ -156,7 +156,7 @@ def read_runs(paths: list[Path], parent: str | None = None) -> pd.DataFrame:
             raise TTAError(f"{path} (--runs) is not a runs table of tta-bench leaderboard: no column(s) "
                            f"{', '.join(missing)}; pass OUT/TASK/{RUNS_TABLE} of a leaderboard build")
         for column in ("lr", "threshold", *(m for m in METRICS if m in df)):  # missing metrics: see complete()
-            df[column] = pd.to_numeric(df[column], errors="coerce")
+            df[column] = _numbers(df[column], path, column)
         for column in ("run_id", *PROVENANCE_TAGS):  # not recorded: a gap in the provenance, not an error
             df[column] = df.get(column)
         df["start"] = pd.to_datetime(df["start"], utc=True, errors="coerce", format="ISO8601")
@@ -166,6 +166,25 @@ def read_runs(paths: list[Path], parent: str | None = None) -> pd.DataFrame:
         df[FROM] = str(path)
         frames.append(df if parent is None else df[df["parent"] == parent] if "parent" in df else df.iloc[:0])
     return pd.concat(frames, ignore_index=True)
+
+
+def _numbers(column: pd.Series, path: Path, name: str) -> pd.Series:
+    """A runs table's column as numbers; an empty cell (or nan) is missing. Text that is not a
+    number, an infinite value, and an lr <= 0 or a threshold < 0 are refused, naming the cell."""
+    values = pd.to_numeric(column, errors="coerce")
+    given = column.notna() & ~column.astype(str).str.strip().str.lower().isin(["", "nan"])
+    bad = given & (values.isna() | ~np.isfinite(values.fillna(0)))
+    if name == "lr":
+        bad |= values.notna() & (values <= 0)
+    if name == "threshold":
+        bad |= values.notna() & (values < 0)
+    if bad.any():
+        line = int(np.argmax(bad.to_numpy())) + 2  # the header is line 1
+        need = {"lr": "a finite number > 0", "threshold": "a finite number >= 0 (or empty: no gate)"}.get(
+            name, "a finite number (or empty)")
+        raise TTAError(f"{path} (--runs), line {line}, column {name}: {column.iloc[line - 2]!r} is not {need}; "
+                       f"fix or drop the row ({int(bad.sum())} such row(s))")
+    return values
 
 
 def folder_runs(folder: Path, parent: str | None = None) -> pd.DataFrame:

@@ -5,6 +5,8 @@ import hashlib
 import json
 import math
 import random
+import shutil
+import tempfile
 import time
 import warnings
 from collections import defaultdict
@@ -22,6 +24,7 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 
 from . import checkpoint
+from .checkpoint import write_atomically
 from .batched import PROBE_BLOCK, BlockAdapter, BlockSizer, supports_blocks
 from .engine import Adaptation, Adapter, Protocol
 from .errors import TTAError
@@ -69,11 +72,15 @@ class RunResult:
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
     def save(self, out: Path) -> None:
-        """samples.parquet (per-sample rows), summary.csv and run.json (config + provenance)."""
+        """samples.parquet (per-sample rows), summary.csv and run.json (config + provenance), each
+        written whole or not at all, run.json last: a folder with a run.json holds a complete run,
+        whichever write failed (an OSError, e.g. a full disk)."""
         out.mkdir(parents=True, exist_ok=True)
-        self.rows.to_parquet(out / "samples.parquet", index=False)
-        pd.DataFrame(self.summary).to_csv(out / "summary.csv", index=False)
-        (out / "run.json").write_text(json.dumps(self.record(), indent=2, default=str))
+        (out / "run.json").unlink(missing_ok=True)  # the record of a run being replaced goes first
+        write_atomically(out / "samples.parquet", lambda tmp: self.rows.to_parquet(tmp, index=False))
+        write_atomically(out / "summary.csv", lambda tmp: pd.DataFrame(self.summary).to_csv(tmp, index=False))
+        record = json.dumps(self.record(), indent=2, default=str)
+        write_atomically(out / "run.json", lambda tmp: tmp.write_text(record))
 
     @classmethod
     def load(cls, out: Path) -> RunResult:
@@ -97,12 +104,31 @@ class RunResult:
                      if not isinstance(record, dict) or not isinstance(record.get(k), kind)]:
             raise TTAError(f"{out}: run.json is not a tta-bench run record ({', '.join(wrong)} missing or "
                            f"of the wrong type); {fix}")
+        if problem := _rows_disagree(rows, record["summary"]):
+            raise TTAError(f"{out}: samples.parquet does not belong to its run.json ({problem}); {fix}")
         result = cls(rows, record["summary"], record["config"], record["metadata"], record["interrupted"])
         try:  # everything logging it reads
             run_params(result.config), run_tags(result)
         except (KeyError, TypeError, AttributeError) as err:
             raise TTAError(f"{out}: run.json is incomplete or damaged ({type(err).__name__}: {err}); {fix}") from None
         return result
+
+
+def _rows_disagree(rows: pd.DataFrame, summary: list) -> str | None:
+    """Why the per-sample rows cannot be the ones a run record summarises (None: they can)."""
+    if not {"lr", "index"} <= set(rows.columns):
+        return "it has no lr or index column"
+    try:
+        want = {float(s["lr"]): int(s["n_total"]) for s in summary}
+    except (KeyError, TypeError, ValueError):
+        return "the record's summary has no lr and n_total per learning rate"
+    counts = rows.groupby("lr")["index"].agg(["size", "nunique"])
+    got = {float(lr): int(n) for lr, n in counts["size"].items()}
+    if got != want:
+        return f"it has {len(rows)} rows, the record counts {sum(want.values())} over {len(want)} learning rate(s)"
+    if (counts["size"] != counts["nunique"]).any():
+        return "a sample appears twice"
+    return None
 
 
 @dataclass
@@ -122,7 +148,7 @@ class RunOptions:
     experiment: str = DEFAULT_EXPERIMENT
     checkpoint: Path | None = None  # per-sample rows saved here as the run goes; resumed if present
     checkpoint_every: int = 200  # samples between checkpoint writes
-    checkpoint_seconds: float = 300.0  # and at most this long between them (slow samples, e.g. text)
+    checkpoint_seconds: float = 60.0  # and at most this long between them (a kill loses at most this)
     adapt_block: int | None = None  # uncertain samples adapted at once (vmap); None: blocks on CUDA only
     max_memory: int | None = None  # bytes for one block; None: a share of the free device memory (BlockSizer)
     autocast: str | None = None  # "bf16": bfloat16 autocast for every forward (CUDA only)
@@ -330,16 +356,20 @@ def run(task: Task, method: Method, protocol: Protocol, options: RunOptions | No
         result = _run(task, method, protocol, options, device)
     if result.interrupted and result.rows.empty:  # stopped before the first sample: nothing to keep
         return result
-    if out is not None:
-        result.save(out)
+    unsaved = _save(result, out) if out is not None else None  # why not, if it could not be saved
     if tracker is not None:
         try:
             result.tracking = tracker.log(result)
         except TrackingUnavailable as err:
             if out is None:
                 out = default_out(task, method)
-                result.save(out)
+                unsaved = _save(result, out)
             _warn_untracked(str(err), out, options)
+    if unsaved:
+        kept = [f"in {spare}"] if (spare := _save_elsewhere(result)) else []
+        kept += [f"as MLflow run {result.tracking}"] if result.tracking else []
+        raise TTAError(f"{unsaved}; its {result.rows['index'].nunique()} samples are kept {' and '.join(kept)}"
+                       if kept else f"{unsaved}, nor anywhere else: its results are lost; free space and run again")
     if stopped_by := result.metadata["stopped_by"]:
         kept = ([f"in {out}"] * (out is not None) + [f"as MLflow run {result.tracking}"] * bool(result.tracking)
                 + [f"in checkpoint {options.checkpoint}"] * bool(options.checkpoint))
@@ -350,6 +380,29 @@ def run(task: Task, method: Method, protocol: Protocol, options: RunOptions | No
 
 class TrackingWarning(UserWarning):
     pass
+
+
+def _save(result: RunResult, out: Path) -> str | None:
+    """Save to `out`; None, or why it could not be (one line)."""
+    try:
+        result.save(out)
+        return None
+    except OSError as err:
+        return f"could not write the results to {err.filename or out} ({err.strerror or err})"
+
+
+def _save_elsewhere(result: RunResult) -> Path | None:
+    """A complete copy in a new temporary folder, when the chosen one cannot hold it."""
+    try:
+        spare = Path(tempfile.mkdtemp(prefix="tta-bench-unsaved-"))
+    except OSError:
+        return None
+    try:
+        result.save(spare)
+        return spare
+    except OSError:
+        shutil.rmtree(spare, ignore_errors=True)
+        return None
 
 
 def _warn_untracked(reason: str, out: Path, options: RunOptions) -> None:
@@ -365,6 +418,7 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
     random.seed(options.seed)
     np.random.seed(options.seed)
     torch.manual_seed(options.seed)
+    settings = _checkpoint_settings(task, method, protocol, options) if options.checkpoint else {}
     options = replace(options, batch_size=options.batch_size or BATCH_SIZE.get(device.type, 1))
     model = task.load_model().to(device).eval()
     bound = _Evaluate(task) if task.metrics else None  # the prediction forward gives the metrics too
@@ -374,8 +428,7 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
     block, blocks, sizer = _block_adapter(adapter, model, method, task, protocol, options, device)
     recorder = Recorder(protocol.lrs, task.metrics)
     threshold = method.gate_threshold(protocol.threshold)
-    fingerprint = _fingerprint(task, method, protocol, options) if options.checkpoint else ""
-    done = checkpoint.load(options.checkpoint, fingerprint) if options.checkpoint else None
+    done = checkpoint.load(options.checkpoint, settings, len(protocol.lrs)) if options.checkpoint else None
     if done is not None:
         recorder.extend(done.rows)
     n_seen, n_uncertain = (done.n_seen, done.n_uncertain) if done else (0, 0)
@@ -392,6 +445,7 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
     scored = source_pass(task, model, stream, options.batch_size, device, options.skip_unreadable)
     start, interrupted, stopped_by = perf_counter(), False, None
     pending: list[tuple[Scored, bool]] = []  # scanned, waiting for their block to be adapted
+    unwritable: list[str] = []  # checkpoint writes that failed
     fallback = ""  # why blocks were given up, if they were
     first_block, halvings = block, 0  # blocks halve after an out-of-memory error
 
@@ -437,7 +491,13 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
         attempt = {"from_sample": first_seen, "to_sample": n_seen, "seconds": seconds, **env}
         progress = checkpoint.Progress(recorder.frame(), n_seen, n_uncertain, prior_wall + seconds, skipped,
                                        earlier + [attempt])
-        checkpoint.save(options.checkpoint, progress, fingerprint)
+        try:
+            checkpoint.save(options.checkpoint, progress, settings)
+        except OSError as err:  # e.g. a full disk: the run goes on, its rows in memory
+            if not unwritable:
+                warnings.warn(f"could not write checkpoint {options.checkpoint} ({err.strerror or err}); the run "
+                              f"goes on, its rows kept in memory until it ends")
+            unwritable.append(str(err))
 
     try:
         with adapter if adapter is not None else nullcontext():
@@ -449,7 +509,8 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
                 if queued - n_uncertain >= block:
                     adapt_pending()
                 if options.checkpoint and n_seen > last_saved and (
-                        n_seen - last_saved >= options.checkpoint_every
+                        last_saved == first_seen  # the first block: a kill loses at most one interval
+                        or n_seen - last_saved >= options.checkpoint_every
                         or perf_counter() - saved_at >= options.checkpoint_seconds):
                     save_progress()
                     last_saved, saved_at = n_seen, perf_counter()
@@ -470,6 +531,11 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
     if n_seen == 0 and not interrupted:
         raise TTAError(f"task {task.name} yielded no samples; check its data options")
     rows = recorder.frame()
+    if rows.empty and not interrupted:
+        if options.checkpoint:
+            options.checkpoint.unlink(missing_ok=True)  # it holds no row to resume
+        raise TTAError(f"none of the {n_seen} samples of task {task.name} could be read (each was skipped as "
+                       f"unreadable): nothing to score, nothing saved; check the data")
     config = {
         "task": task.name, "task_options": task.config, "method": method.name,
         "hparams": method.config, "resolved": method.resolved, "protocol": asdict(protocol),
@@ -557,15 +623,18 @@ class _Evaluate:
         return self.task.evaluate(model, inputs, self.sample)
 
 
-def _fingerprint(task: Task, method: Method, protocol: Protocol, options: RunOptions) -> str:
+def _checkpoint_settings(task: Task, method: Method, protocol: Protocol, options: RunOptions) -> dict:
     """What a checkpoint must match to be resumed: everything that changes the rows, the data
-    itself too where the options do not fix it (a corpus read from the machine)."""
+    itself too where the options do not fix it (a corpus read from the machine, a --data-file),
+    and the batch size and block when given (the batched source forward and vmap differ in the
+    last bits, which can move a sample across the gate). The device may change."""
     what = {"task": task.name, "task_options": task.config, "method": method.name,
             "hparams": method.config, "protocol": asdict(protocol),
-            **{k: getattr(options, k) for k in ("limit", "max_uncertain", "seed")}}
+            **{k: getattr(options, k) for k in ("limit", "max_uncertain", "seed")},
+            **{k: v for k in ("batch_size", "adapt_block") if (v := getattr(options, k)) is not None}}
     if (data := task.data_identity()) is not None:
         what["data"] = data
-    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+    return json.loads(json.dumps(what, default=str))  # as the checkpoint stores it
 
 
 def _names(adapter: Adapter | None, model: torch.nn.Module) -> list[str] | str:
