@@ -1,5 +1,6 @@
 """Tent, SAR and PASLE against independent step-by-step computations on a small network with
 BatchNorm, GroupNorm and LayerNorm, written functionally here (not with the methods' code)."""
+import copy
 import math
 
 import pytest
@@ -230,14 +231,70 @@ def test_pasle_certain_sample_uses_cross_entropy_to_the_source_prediction():
 
 
 def test_pasle_never_updates_under_the_shared_gate_and_gates_itself_with_own():
-    task, lrs = ToyTask(), (1e-2,)
+    task, lrs = ToyTask(n=200), (1e-2,)
     shared = tta_bench.run(task, tta_bench.get_method("pasle"), Protocol(lrs), RunOptions(progress=False))
     unc = shared.rows[shared.rows.uncertain]
     assert len(unc) and not unc.updated.any() and (unc.pred == unc.pred_source).all()
-    own = tta_bench.run(task, tta_bench.get_method("pasle", gate="own"), Protocol(lrs), RunOptions(progress=False))
-    assert own.config["gate_threshold"] == 0.6
-    assert (own.rows.uncertain == (own.rows.delta < 0.6)).all() and own.rows.updated.any()
-    assert own.rows.uncertain.sum() > unc.uncertain.sum()
+    for tau in (0.6, 0.3):
+        own = tta_bench.run(task, tta_bench.get_method("pasle", gate="own", tau=tau), Protocol(lrs),
+                            RunOptions(progress=False))
+        assert own.config["gate_threshold"] == tau
+        with torch.no_grad():
+            probs = task.model(task.x).softmax(-1)
+        spread = (probs.max(-1).values - probs.min(-1).values).numpy()
+        partial = (own.rows.delta <= tau) & (spread >= tau)  # neither certain nor unselected
+        assert 0 < partial.sum() <= (own.rows.delta < tau).sum() - (tau == 0.6)  # a proper part at τ = 0.6
+        assert (own.rows.uncertain == partial).all() and own.rows[own.rows.uncertain].updated.all()
+
+
+def official_pasle_masks(probs: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """palm-ml/PASLE, `PASLE.forward`, re-derived line by line for a batch: the partial mask and
+    the candidate labels (`mask_hard`, `mask_unselect`, `partial_labels`)."""
+    probs_des, _ = torch.sort(probs, descending=True)
+    mask_hard = probs_des[:, 0] - probs_des[:, 1] > tau
+    mask_unselect = (probs_des[:, 0] - probs_des[:, -1]) < tau
+    mask_partial = ~(mask_hard | mask_unselect)
+    partial_labels = ((probs + tau) > probs_des[:, 0].reshape(-1, 1)).long()
+    return mask_partial, partial_labels
+
+
+def test_pasle_own_gate_is_the_official_partial_set():
+    logits = torch.randn(4000, 10, generator=torch.Generator().manual_seed(0)) * 2.5
+    probs = logits.softmax(-1)
+    for tau in (0.2, 0.4, 0.6, 0.9):
+        method = tta_bench.get_method("pasle", gate="own", tau=tau)
+        official, labels = official_pasle_masks(probs, tau)
+        ours = torch.tensor([method.uncertain(float(p.sort(descending=True).values[0] - p.sort(descending=True).values[1]),
+                                              float(p.max() - p.min()), 0.16) for p in probs])
+        assert torch.equal(ours, official), tau
+        for p, y in zip(probs[official][:50], labels[official][:50]):  # the same candidate sets, each proper
+            assert torch.equal(Pasle.candidates(p, tau), y.bool()) and not y.all()
+    assert official.float().mean() < 0.05  # τ = 0.9 selects almost none
+
+
+def test_pasle_adam_step_equals_the_official_loss_and_optimizer():
+    """One sample of the partial set: the official cc_loss on softmax(z/T) masked by the candidate
+    labels, one torch.optim.Adam step on all parameters (no clipping in the official code), in
+    float64; the adapted logits agree to rounding."""
+    p = torch.tensor([0.45, 0.30, 0.14, 0.11], dtype=torch.float64)  # Δ1,2 = 0.15, p(1) − p(C) = 0.34
+    model, x, tau, temp, lr = logit_model(p).double(), torch.ones(1, 3, dtype=torch.float64), 0.3, 0.8, 1e-3
+    with torch.no_grad():
+        mask, labels = official_pasle_masks(model(x).softmax(-1), tau)
+    assert mask.all() and 1 < int(labels.sum()) < 4  # a proper candidate set of two or three
+    reference = copy.deepcopy(model)
+    opt = torch.optim.Adam(reference.parameters(), lr=lr)
+    out = reference(x)
+    loss = -torch.log((F.softmax(out / temp, dim=1) * labels).sum(dim=1)).mean()  # cc_loss
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        expected = reference(x)[0]
+    method = tta_bench.get_method("pasle", gate="own", tau=tau, temperature=temp)
+    res = tta_bench.adapt(model, x, method, threshold=0.16, lr=lr, optimizer="adam", clip=None)
+    assert res.uncertain and res.updated
+    assert float(res.loss) == pytest.approx(float(loss), rel=1e-12)
+    torch.testing.assert_close(res.adapted_logits, expected, atol=1e-12, rtol=1e-10)
 
 
 # ---------------------------------------------------------------- MEMO

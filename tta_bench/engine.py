@@ -350,8 +350,7 @@ def adapt(model: nn.Module, inputs: Any, method: Method | str, *, threshold: flo
             raise TTAError(f"model(inputs) must return logits of shape [1, C], got "
                            f"{tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}")
         source = Source(z[0])
-        threshold = method.gate_threshold(threshold)
-        uncertain = threshold is None or source.delta < threshold
+        uncertain = method.uncertain(source.delta, source.spread, threshold)
         if not (uncertain and method.adapts):
             return AdaptResult(z[0], z[0], uncertain, False)
         with Adapter(model, method, lambda m, x: m(x), protocol, augment) as adapter:

@@ -48,6 +48,11 @@ class Source:
         top = self.probs[self.order[:2]]
         return float(top[0] - top[1]) if top.numel() > 1 else 1.0
 
+    @property
+    def spread(self) -> float:
+        """p(1) − p(C), the most likely class's lead over the least likely."""
+        return float(self.probs.max() - self.probs.min())
+
 
 Augment = Callable[[Any, int], Any]  # (inputs of one sample, n) -> inputs of n augmented views
 
@@ -174,9 +179,17 @@ class Method:
         return nullcontext()
 
     def gate_threshold(self, threshold: float | None) -> float | None:
-        """The Δ1,2 threshold deciding which samples are adapted and scored (default: the
-        shared one; PASLE gate=own substitutes its own margin)."""
+        """The Δ1,2 threshold deciding which samples are adapted and scored, as recorded (default:
+        the shared one; PASLE gate=own substitutes its own margin)."""
         return threshold
+
+    def uncertain(self, delta: float, spread: float, threshold: float | None) -> bool:
+        """Whether the engine adapts and scores a sample, from its source prediction (Δ1,2 and
+        p(1) − p(C)) and the shared threshold d: by default Δ1,2 < d (every sample without a gate).
+        A method with a selection of its own (PASLE gate=own) overrides it; the engine still
+        owns the gate: it asks before any adaptation."""
+        threshold = self.gate_threshold(threshold)
+        return threshold is None or delta < threshold
 
     def supports(self, task: Task) -> None:
         """Raise TTAError if this method cannot run on `task` (checked before any work)."""

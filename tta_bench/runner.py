@@ -203,6 +203,7 @@ class Scored:
     delta: float  # Δ1,2
     prob: float  # p(ŷ0)
     seconds: float  # its share of the batched source forward
+    spread: float = math.nan  # p(1) − p(C)
     unreadable: dict | None = None  # why its data could not be read (skipped, never scored)
 
 
@@ -231,13 +232,14 @@ def source_pass(task: Task, model: torch.nn.Module, samples: Iterable[Sample], b
             top = probs.topk(min(2, probs.shape[-1]), dim=-1)
             deltas = (top.values[:, 0] - top.values[:, -1]).tolist()
             preds, p0 = top.indices[:, 0].tolist(), top.values[:, 0].tolist()
+            spreads = (top.values[:, 0] - probs.min(dim=-1).values).tolist()
         seconds = (perf_counter() - t0) / len(chunk)
         i = 0
         for sample in chunk:
             if sample.index in unreadable:
-                yield Scored(sample, None, -1, math.nan, math.nan, 0.0, unreadable[sample.index])
+                yield Scored(sample, None, -1, math.nan, math.nan, 0.0, unreadable=unreadable[sample.index])
             else:
-                yield Scored(sample, select(inputs, i), preds[i], deltas[i], p0[i], seconds)
+                yield Scored(sample, select(inputs, i), preds[i], deltas[i], p0[i], seconds, spreads[i])
                 i += 1
 
 
@@ -503,7 +505,7 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
         with adapter if adapter is not None else nullcontext():
             queued = n_uncertain  # uncertain samples scanned so far (recorded or pending)
             for s in scored:
-                uncertain = s.unreadable is None and (threshold is None or s.delta < threshold)
+                uncertain = s.unreadable is None and method.uncertain(s.delta, s.spread, protocol.threshold)
                 pending.append((s, uncertain))
                 queued += uncertain
                 if queued - n_uncertain >= block:
