@@ -357,3 +357,101 @@ def test_cifar10_augmix_views_are_seeded_and_varied():
     assert a.shape == (4, 3, 224, 224) and torch.equal(a, b)
     assert not torch.equal(a[0], a[1])
     assert a.min() >= -127 / 128 - 1e-6 and a.max() <= 1 + 1e-6
+
+
+# ---------------------------------------------------------------- DeYO
+
+def official_shuffle(x: torch.Tensor, ps: int, perm: torch.Tensor) -> torch.Tensor:
+    """The official patch shuffle (`aug_type=patch`), re-derived tile by tile: tile k of the
+    result (row-major) is tile perm[k] of x."""
+    out = torch.empty_like(x)
+    h, w = x.shape[-2] // ps, x.shape[-1] // ps
+    for k, src in enumerate(perm.tolist()):
+        r, c, sr, sc = k // ps, k % ps, src // ps, src % ps
+        out[..., r * h:(r + 1) * h, c * w:(c + 1) * w] = x[..., sr * h:(sr + 1) * h, sc * w:(sc + 1) * w]
+    return out
+
+
+class ResNetLike(nn.Module):
+    """A stem and a `layer4` with BatchNorm (SAR's and DeYO's official lists both skip layer4) and
+    a head on the whole feature map, so that shuffling tiles moves the prediction."""
+
+    def __init__(self, n_classes: int = 5, scale: float = 8.0):
+        super().__init__()
+        torch.manual_seed(3)
+        self.layer1 = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.layer4 = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        with torch.no_grad():
+            for bn in (self.layer1[1], self.layer4[1]):
+                bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.2, 0.2)
+                bn.running_var.uniform_(0.5, 1.5)
+        torch.manual_seed(4)
+        self.fc = nn.Linear(6 * 64, n_classes)
+        with torch.no_grad():
+            self.fc.weight.mul_(scale)
+        self.eval()
+
+    def forward(self, x):
+        return self.fc(self.layer4(self.layer1(x)).flatten(1))
+
+
+def official_deyo_step(model, x, perm, lr, deyo_margin, margin, plpd_threshold):
+    """Jhyun17/DeYO `forward_and_adapt_deyo` for a batch of one, re-derived line by line (filters,
+    PLPD, reweighting, SGD with momentum 0.9 on `collect_params`); returns (passed, loss, adapted logits)."""
+    reference = copy.deepcopy(model)
+    params = [p for n, m in reference.named_modules() if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm))
+              and "layer4" not in n for p in (m.weight, m.bias)]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    outputs = reference(x)
+    entropys = -(outputs.softmax(1) * outputs.log_softmax(1)).sum(1)
+    if not bool(entropys[0] < deyo_margin):
+        return "entropy", None, None
+    with torch.no_grad():
+        outputs_prime = reference(official_shuffle(x.detach(), 4, perm))
+    prob, prob_prime = outputs.softmax(1), outputs_prime.softmax(1)
+    cls1 = prob.argmax(dim=1)
+    plpd = (torch.gather(prob, 1, cls1.reshape(-1, 1)) - torch.gather(prob_prime, 1, cls1.reshape(-1, 1))).reshape(-1)
+    if not bool(plpd[0] > plpd_threshold):
+        return "plpd", None, None
+    coeff = 1 / torch.exp(entropys.clone().detach() - margin) + 1 / torch.exp(-1.0 * plpd.clone().detach())
+    loss = entropys.mul(coeff).mean(0)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        return "both", float(loss), reference(x)[0]
+
+
+def test_deyo_filters_loss_and_step_equal_the_official_code():
+    model = ResNetLike().double()
+    method = tta_bench.get_method("deyo")
+    lr, C = 0.05, 5
+    seen: list[str] = []
+    for index in range(400):
+        if len(set(seen)) == 3 and seen.count("both") >= 5:
+            break
+        x = torch.randn(1, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(index)) * 2
+        perm = method.permutation(index)
+        assert sorted(perm.tolist()) == list(range(16))
+        passed, loss, expected = official_deyo_step(model, x, perm, lr, 0.5 * math.log(C), 0.4 * math.log(C), 0.2)
+        seen.append(passed)
+        with tta_bench.engine.Adapter(model, method, lambda m, inp: m(inp), Protocol((lr,), threshold=None, clip=None,
+                                                                                   momentum=0.9)) as adapter:
+            out = adapter.adapt(x, index)
+        assert out.updated == (passed == "both"), index
+        if passed == "both":
+            assert out.loss == pytest.approx(loss, rel=1e-12)
+            torch.testing.assert_close(out.logits[0], expected, atol=1e-12, rtol=1e-10)
+    assert set(seen) == {"entropy", "plpd", "both"}  # every branch of the official code was compared
+
+
+def test_deyo_patch_shuffle_is_the_official_tiling_and_seeded_per_sample():
+    from tta_bench.methods.deyo import shuffle_patches
+    x = torch.randn(2, 3, 12, 16)
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(shuffle_patches(x, 4, perm), official_shuffle(x, 4, perm))
+    method = tta_bench.get_method("deyo")
+    assert torch.equal(method.permutation(7), method.permutation(7))
+    assert not torch.equal(method.permutation(7), method.permutation(8))
+    assert not torch.equal(tta_bench.get_method("deyo", seed=1).permutation(7), method.permutation(7))
+    with pytest.raises(TTAError, match="does not support text tasks"):
+        method.supports(tta_bench.get_task("text"))
