@@ -83,6 +83,22 @@ def pack(runs: Path, out: Path, skip: set[str] = frozenset()) -> None:
     print(f"packed {len(frames)} runs into {out}")
 
 
+def set_aside_superseded(runs: Path) -> None:
+    """Move the run folders of a method whose definition has changed since to RUNS/../superseded:
+    they are not results of today's method, and their jobs run again. So far: pasle gate=own
+    before issue 27 (it gated Δ1,2 < τ, not PASLE's partial set; today's runs record
+    `resolved.gate`)."""
+    import json
+    import shutil
+
+    for record in sorted(runs.glob("*/run.json")):
+        config = json.loads(record.read_text())["config"]
+        if (config["method"] == "pasle" and config["hparams"].get("gate") == "own"
+                and "gate" not in config.get("resolved", {})):
+            (runs.parent / "superseded").mkdir(exist_ok=True)
+            shutil.move(str(record.parent), str(runs.parent / "superseded" / record.parent.name))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("spec", type=Path)
@@ -103,6 +119,8 @@ def main() -> int:
         jobs = [j for j in jobs if any(s in j.label for s in args.only.split(","))]
     if args.skip:
         jobs = [j for j in jobs if not any(s in j.label for s in args.skip.split(";"))]
+    if args.runs.is_dir():
+        set_aside_superseded(args.runs)
     by_config: dict[str, list] = defaultdict(list)
     for job in jobs:
         by_config[str(sorted(job.config["task_options"].items()))].append(job)

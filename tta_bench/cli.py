@@ -65,13 +65,12 @@ def _optional(kind: type):
 
 def _task_options() -> dict[str, str]:
     """Every option any registered task declares -> its help (flags are shared across tasks)."""
-    helps: dict[str, str] = {}
-    tasks: dict[str, list[str]] = {}
+    helps: dict[str, dict[str, list[str]]] = {}  # option -> its help -> the tasks that give it
     for name in list_tasks():
         for key, spec in task_class(name).options.items():
-            helps.setdefault(key, spec.help)
-            tasks.setdefault(key, []).append(name)
-    return {key: f"{helps[key]} [{', '.join(tasks[key])}]".strip() for key in helps}
+            helps.setdefault(key, {}).setdefault(spec.help, []).append(name)
+    return {key: "; ".join(f"{', '.join(names)}: {text}" if len(by) > 1 else f"{text} [{', '.join(names)}]"
+                           for text, names in by.items()).strip() for key, by in helps.items()}
 
 
 def build_parser() -> Parser:
