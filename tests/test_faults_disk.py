@@ -160,6 +160,7 @@ DAMAGE = {  # what happened to the checkpoint -> what the refusal says
     "n_seen missing": (lambda p: _rewrite(p, drop_meta="n_seen"), "its metadata lacks 'n_seen'"),
     "fingerprint missing": (lambda p: _rewrite(p, drop_meta="fingerprint"), "its metadata lacks 'fingerprint'"),
     "truncated": (lambda p: p.write_bytes(p.read_bytes()[:100]), "is unreadable"),
+    "a column lost": (lambda p: pq.write_table(pq.read_table(p).drop(["uncertain"]), p), "is damaged"),
 }
 
 

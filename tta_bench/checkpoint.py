@@ -99,15 +99,22 @@ def load(path: Path, settings: dict, n_lrs: int) -> Progress | None:
                        f"the stopped run's settings, or {delete}")
     rows = table.to_pandas()
     n_rows = n_seen - len(skipped)  # samples with rows
-    per_lr = rows.groupby("lr")["index"] if {"lr", "index"} <= set(rows.columns) else None
-    whole = (per_lr is not None and len(rows) == n_rows * n_lrs and (rows.empty or per_lr.ngroups == n_lrs)
-             and all(g.is_unique and len(g) == n_rows for _, g in per_lr)
-             and (rows.empty or per_lr.apply(lambda g: frozenset(g)).nunique() == 1)
-             and int(rows["uncertain"].sum()) == n_uncertain * n_lrs)
-    if not whole:
+    if not _whole(rows, n_rows, n_uncertain, n_lrs):
         raise TTAError(f"checkpoint {path} is damaged: its rows do not match its record ({len(rows)} rows for "
                        f"{n_rows} samples × {n_lrs} learning rates); {delete}")
     return Progress(rows, n_seen, n_uncertain, wall, skipped, attempts)
+
+
+def _whole(rows: pd.DataFrame, n_samples: int, n_uncertain: int, n_lrs: int) -> bool:
+    """Every learning rate's row for each of the n_samples, each sample once, the same samples at
+    every lr, n_uncertain of them uncertain."""
+    if not {"lr", "index", "uncertain"} <= set(rows.columns) or len(rows) != n_samples * n_lrs:
+        return False
+    if rows.empty:
+        return n_uncertain == 0
+    per_lr = rows.groupby("lr")["index"]
+    return (per_lr.ngroups == n_lrs and all(g.is_unique for _, g in per_lr)
+            and per_lr.apply(frozenset).nunique() == 1 and int(rows["uncertain"].sum()) == n_uncertain * n_lrs)
 
 
 def try_lock(file: IO[str], mode: int) -> int | None:
