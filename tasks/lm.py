@@ -59,10 +59,21 @@ def embedded_gguf() -> Path:
     return path
 
 
+def _files(folder: Path) -> list[Path]:
+    """Every file in `folder` but the manifest, in order."""
+    return [f for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST]
+
+
 def folder_files(folder: Path) -> dict[str, dict]:
     """{relative path: {sha256, size}} of every file in `folder` but the manifest."""
-    return {str(f.relative_to(folder)): {"sha256": file_sha256(f), "size": f.stat().st_size}
-            for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    return {str(f.relative_to(folder)): {"sha256": file_sha256(f), "size": f.stat().st_size} for f in _files(folder)}
+
+
+def files_intact(folder: Path, recorded: dict[str, dict]) -> bool:
+    """Each recorded file has its recorded size (checked first: cheap) and sha256; raises OSError
+    if one is missing."""
+    return (all((folder / name).stat().st_size == f["size"] for name, f in recorded.items())
+            and all(file_sha256(folder / name) == f["sha256"] for name, f in recorded.items()))
 
 
 def _cache_is_valid(folder: Path, source_sha: str) -> bool:
@@ -71,10 +82,9 @@ def _cache_is_valid(folder: Path, source_sha: str) -> bool:
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         recorded = manifest["files"]
-        present = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file() and f.name != MANIFEST)
+        present = [str(f.relative_to(folder)) for f in _files(folder)]
         return (manifest["source_sha256"] == source_sha and present == sorted(recorded)
-                and all((folder / name).stat().st_size == f["size"] for name, f in recorded.items())
-                and all(file_sha256(folder / name) == f["sha256"] for name, f in recorded.items()))
+                and files_intact(folder, recorded))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
