@@ -220,6 +220,14 @@ class Cifar10(Task):
     def num_samples(self) -> int:
         return len(self.order(self.data()[1]))
 
+    def reference_samples(self) -> Iterator[Sample]:
+        """Clean images from the END of the val half, last first (class-balanced like every order
+        here): disjoint from the test half always, and from a val run of --limit L while
+        L + n <= 5,000 (a run here scores 500). With --data-dir, the clean shipped test set."""
+        images, labels = load_cifar10(Path(self.opts.data_file) if self.opts.data_file else DATA_FILE)
+        for i in balanced_order(labels, len(self.classes), "val")[::-1]:
+            yield Sample(int(i), torch.from_numpy(np.array(images[i])), int(labels[i]))
+
     def num_classes(self) -> int:
         return len(self.classes)
 

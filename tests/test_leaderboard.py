@@ -106,6 +106,12 @@ def _md_table(path) -> pd.DataFrame:
     return pd.DataFrame(cells[2:], columns=cells[0])
 
 
+def test_whole_set_columns_name_what_a_sample_is():
+    from tta_bench.leaderboard import sample_unit
+    assert [sample_unit(t) for t in ("cifar10", "imagenet", "text", "mc", "toy")] == [
+        "images", "images", "windows", "questions", "samples"]  # toy: a task this installation does not know
+
+
 def test_headline_comes_first_and_matches_the_runs(store, tmp_path):
     uri, results = store
     build(uri, "lb", tmp_path, Selection("default"))
@@ -114,8 +120,8 @@ def test_headline_comes_first_and_matches_the_runs(store, tmp_path):
     p_holm = dict(zip(METHODS, stats.holm([stats.wilcoxon_greater(deltas[m]) for m in METHODS]), strict=True))
     raw = _read(tmp_path, "headline").set_index("method")
     shown = _md_table(tmp_path / "toy" / "headline.md").set_index("method")
-    assert list(shown.columns) == ["rank", "lr", "mean Δacc [95% CI]", "source acc, all images (%)",
-                                   "Δacc all images", "wins/losses", HEADLINE_P, "fwd/bwd per sample", "s per scored sample"]
+    assert list(shown.columns) == ["rank", "lr", "mean Δacc [95% CI]", "source acc, all samples (%)",
+                                   "Δacc all samples", "wins/losses", HEADLINE_P, "fwd/bwd per sample", "s per scored sample"]
     assert [raw.loc[m, "mean Δacc"] for m in shown.index] == pytest.approx([deltas[m].mean() for m in order])
     for name, d in deltas.items():
         vs = stats.versus_source(d)
@@ -131,7 +137,7 @@ def test_headline_comes_first_and_matches_the_runs(store, tmp_path):
         whole = {k: np.mean([results[c, name][2e-2][k] for c in CONFIGS])  # over every image, not only uncertain
                  for k in ("acc_source_all", "delta_acc_all", "seconds_per_sample")}
         assert raw.loc[name, "source acc all (%)"] == pytest.approx(whole["acc_source_all"])
-        assert row["Δacc all images"] == f"{whole['delta_acc_all']:+.2f}"
+        assert row["Δacc all samples"] == f"{whole['delta_acc_all']:+.2f}"
         assert row["s per scored sample"] == f"{whole['seconds_per_sample']:.3g}"
     assert any(np.isfinite(stats.versus_source(d).ci_low) for d in deltas.values())  # BCa gives one, degenerate
     assert "(–: too few configurations for a bootstrap CI (n < 5))" in (tmp_path / "toy" / "headline.md").read_text()

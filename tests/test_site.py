@@ -25,7 +25,7 @@ from test_cli import run_cli
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH; install it with "
                                     "`apt-get install -y chromium` (Debian) to run the browser test")
-HEADLINE_COLUMNS = ["rank", "method", "lr", "mean Δacc [95% CI]", "source acc, all images (%)", "Δacc all images",
+HEADLINE_COLUMNS = ["rank", "method", "lr", "mean Δacc [95% CI]", "source acc, all samples (%)", "Δacc all samples",
                     "wins/losses", "p Wilcoxon (Holm)", "fwd/bwd per sample", "s per scored sample"]
 
 

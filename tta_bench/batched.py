@@ -25,6 +25,8 @@ def supports_blocks(method: Method, protocol: Protocol) -> str | None:
     """Why this combination cannot adapt in blocks (None: it can)."""
     if not protocol.one_gradient:
         return "blocks need one plain SGD step (steps=1, sgd, no momentum or weight decay)"
+    if method.remembers:
+        return f"method {method.name} carries memory from sample to sample (stream order)"
     if not method.batchable:
         return f"method {method.name} is not batchable (its loss has data-dependent control flow)"
     return None

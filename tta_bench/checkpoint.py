@@ -31,6 +31,7 @@ class Progress:
     wall: float  # seconds spent so far, over all attempts
     skipped: list[dict] = field(default_factory=list)  # unreadable samples passed over so far
     attempts: list[dict] = field(default_factory=list)  # each attempt's samples and environment
+    memory: list[float] | None = None  # the method's memory after these samples (`Method.remembers`)
 
 
 def save(path: Path, progress: Progress, settings: dict) -> None:
@@ -38,7 +39,7 @@ def save(path: Path, progress: Progress, settings: dict) -> None:
     table = pa.Table.from_pandas(progress.rows, preserve_index=False)
     meta = {"fingerprint": fingerprint(settings), "settings": settings, "n_seen": progress.n_seen,
             "n_uncertain": progress.n_uncertain, "wall": progress.wall, "skipped": progress.skipped,
-            "attempts": progress.attempts}
+            "attempts": progress.attempts, "memory": progress.memory}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                            META: json.dumps(meta, default=str).encode()})
     write_atomically(path, lambda tmp: pq.write_table(table, tmp))
@@ -85,6 +86,7 @@ def load(path: Path, settings: dict, n_lrs: int) -> Progress | None:
         meta = json.loads(table.schema.metadata[META])
         n_seen, n_uncertain, wall = int(meta["n_seen"]), int(meta["n_uncertain"]), float(meta["wall"])
         skipped, attempts = list(meta.get("skipped", [])), list(meta.get("attempts", []))
+        memory = None if meta.get("memory") is None else [float(v) for v in meta["memory"]]
         written = meta["fingerprint"]
     except (OSError, KeyError, ValueError, TypeError, pa.ArrowException) as err:
         why = f"its metadata lacks {err}" if isinstance(err, KeyError) else str(err).strip().splitlines()[0]
@@ -102,7 +104,7 @@ def load(path: Path, settings: dict, n_lrs: int) -> Progress | None:
     if not _whole(rows, n_rows, n_uncertain, n_lrs):
         raise TTAError(f"checkpoint {path} is damaged: its rows do not match its record ({len(rows)} rows for "
                        f"{n_rows} samples × {n_lrs} learning rates); {delete}")
-    return Progress(rows, n_seen, n_uncertain, wall, skipped, attempts)
+    return Progress(rows, n_seen, n_uncertain, wall, skipped, attempts, memory)
 
 
 def _whole(rows: pd.DataFrame, n_samples: int, n_uncertain: int, n_lrs: int) -> bool:

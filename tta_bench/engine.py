@@ -89,6 +89,7 @@ class Adaptation:
     backwards: int = 0  # likewise: a backward through B inputs' forwards counts B
     graph_inputs: int = 0  # inputs forwarded with gradient since the last backward
     select_seconds: float = 0.0  # choosing the inputs to step on (methods with `step_inputs`)
+    memory: Tensor | None = None  # the memory proposed for the next sample (`Method.remembers`)
 
     def __post_init__(self) -> None:
         if self.metrics is None:
@@ -128,6 +129,7 @@ class Adapter:
         self.params = list(named.values())
         self.snapshot = Snapshot(self.params + [b for b in model.buffers()])  # θ0: one copy, params first
         self._flags: list[tuple[nn.Parameter, bool]] = []
+        self.memory: Tensor | None = None  # what the samples so far left (`Method.remembers`), in stream order
 
     def __enter__(self) -> Adapter:
         self._flags = [(p, p.requires_grad) for p in self.model.parameters()]
@@ -151,11 +153,14 @@ class Adapter:
         augmentations) for every learning rate; restores θ0 afterwards."""
         try:
             with torch.enable_grad(), self.method.adaptation_mode(self.model):
-                return self._sweep(inputs, index) if self.one_gradient else self._per_lr(inputs, index)
+                out = self._sweep(inputs, index) if self.one_gradient else self._per_lr(inputs, index)
         finally:
             for p in self.params:
                 p.grad = None
             self.snapshot.restore()
+        if self.method.remembers and out.memory is not None:  # committed once the sample is done
+            self.memory = out.memory
+        return out
 
     def _forward(self, inputs: Any) -> tuple[Tensor, dict[str, float] | None]:
         """The prediction: class logits [C] at the current weights, and the task's per-sample
@@ -283,9 +288,13 @@ class Updater:
         def count(n: int) -> None:  # optimizer's state, e.g. Adam's moments, alive until a full gc)
             out.forwards += n
             out.graph_inputs += n
+        def remember(value: Tensor) -> None:  # the sample's first proposal, made at θ0, is kept
+            if out.memory is None:
+                out.memory = value
         a = self.adapter
+        memory = a.memory if a.method.remembers else None
         step = Step(a.model, self.inputs, a.class_logits, self.source, count, augmenter=a.augmenter,
-                    index=self.index, data_space=a.data_space)
+                    index=self.index, data_space=a.data_space, memory=memory, remember=remember)
         self._first = self._first or step
         return step
 

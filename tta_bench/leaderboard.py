@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import TTAError
-from .tables import (CHOSEN, HEADLINE_P, MIN_CI, NOOP_EVERYWHERE, OPTION, ORACLE, SUBSET, TOO_FEW_CI, Table,
+from .tables import (CHOSEN, HEADLINE_P, MIN_CI, NOOP_EVERYWHERE, OPTION, ORACLE, SUBSET, TOO_FEW_CI, UNITS, Table,
                      at_chosen, at_severity, axis_table, changed_predictions, clean, configuration_table,
                      corruption_table, describe, every_severity, friedman_table, headline_table, lr_grid, lr_table,
                      method_table, no_ops, option_axes, selection_table, threshold_table, write_table)
@@ -422,6 +422,15 @@ class TaskReport:
     description: str = ""  # one line: the models, shifts (corpora, datasets), samples per configuration
 
 
+def sample_unit(task: str) -> str:
+    """What one sample of `task` is called in the tables (images, windows, questions)."""
+    from .registry import task_class
+    try:
+        return UNITS.get(task_class(task).kind, "samples")
+    except TTAError:  # runs of a task this installation does not know
+        return "samples"
+
+
 def task_report(task: str, task_runs: pd.DataFrame, at_d: pd.DataFrame, choice: Choice, folder: Path,
                 selection: Selection, threshold: float | None, reference: str, origin: dict[str, str]) -> TaskReport:
     """Every table and figure of one task (figures are written to `folder`). at_d: the runs at
@@ -447,7 +456,8 @@ def task_report(task: str, task_runs: pd.DataFrame, at_d: pd.DataFrame, choice: 
     methods = method_table(at_lr, chosen, selection.label(), reference, noops)
     order = list(methods["method"])
     too_few = f" ({TOO_FEW_CI})" if (methods["configs"] < MIN_CI).any() else ""
-    data, view = headline_table(methods)
+    unit = sample_unit(task)
+    data, view = headline_table(methods, unit)
     tables = {"headline": Table(data, (
         f"{n_configs}; {selection.caption(choice.validation)}. Mean Δacc (points, on the uncertain samples) with "
         f"its BCa bootstrap 95% CI{too_few}; wins/losses: configurations with Δacc > 0 / < 0; {HEADLINE_P}: one-sided "
@@ -456,8 +466,8 @@ def task_report(task: str, task_runs: pd.DataFrame, at_d: pd.DataFrame, choice: 
         f"includes its K prediction forwards)"
         + ("; bpb (Δ%): mean bits per byte of the uncertain windows after adaptation over the configurations, "
            "and its mean change from the source model's (%)" if "bpb" in methods else "")
-        + ("; source acc and Δacc, all images: over every image of a configuration (not only the uncertain "
-           "ones), mean over the configurations" if "Δacc all" in methods else "")
+        + (f"; source acc and Δacc, all {unit}: over every one of a configuration's {unit} (not only the "
+           f"uncertain ones), mean over the configurations" if "Δacc all" in methods else "")
         + ("; s per scored sample: wall seconds per uncertain (scored) sample" if "s/sample" in methods else "")
         + (f". No-op (changed no prediction on any configuration; excluded from the Holm family): "
            f"{', '.join(noops)}" if noops else "") + "."), view)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager, nullcontext
 from functools import cached_property
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -13,7 +13,7 @@ from .errors import TTAError
 from .hparams import HParam, resolve
 
 if TYPE_CHECKING:
-    from .engine import Updater
+    from .engine import Protocol, Updater
     from .task import Task
 
 ClassLogits = Callable[[nn.Module, Any], Tensor]  # (model, inputs) -> [B, C] class logits
@@ -64,10 +64,19 @@ class Step:
 
     def __init__(self, model: nn.Module, inputs: Any, class_logits: ClassLogits,
                  source: Source | None = None, count_forward: Callable[[int], None] = lambda n: None,
-                 *, augmenter: Augment | None = None, index: int = 0, data_space: Any = None):
+                 *, augmenter: Augment | None = None, index: int = 0, data_space: Any = None,
+                 memory: Tensor | None = None, remember: Callable[[Tensor], None] = lambda value: None):
         self.model, self.inputs, self._source, self.index = model, inputs, source, index
         self._class_logits, self._count_forward, self._augmenter = class_logits, count_forward, augmenter
         self._data_space = data_space
+        self.memory = memory  # what the samples before this one left (`Method.remembers`), or None
+        self._remember = remember
+
+    def remember(self, value: Tensor) -> None:
+        """Propose the memory the next sample sees (`Method.remembers`). The engine keeps the
+        sample's first proposal, made at θ0, and only once the sample is done: every learning rate
+        and step of this sample sees the same `memory`."""
+        self._remember(value.detach().clone())
 
     def forward(self, inputs: Any) -> Tensor:
         """[B, C] class logits of any inputs at the current weights, with gradient; counted as B
@@ -123,6 +132,12 @@ class Method:
     # in them are different methods on the leaderboard, not settings to tune (held-out selection).
     scoring_hparams: ClassVar[tuple[str, ...]] = ()
     adapts: ClassVar[bool] = True  # False for the source model `none`
+    # State carried from sample to sample in stream order (EATA's moving average of predictions),
+    # owned by the engine: each step reads what earlier samples left (`step.memory`, None at the
+    # start) and proposes the next value (`step.remember`); the engine commits it after the sample,
+    # checkpoints it with the rows and never resets it within a run. False: no state, every sample
+    # starts from nothing, which is what the single-sample reset means for every other method.
+    remembers: bool = False
 
     def __init__(self, **hparams: Any):
         self.config = resolve(f"method {self.name}", self.hparams, hparams)
@@ -132,6 +147,14 @@ class Method:
     def parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """Named parameters this method adapts (default: all)."""
         return dict(model.named_parameters())
+
+    def prepare(self, model: nn.Module, forward: Callable[[Any], Tensor], params: dict[str, nn.Parameter],
+                protocol: Protocol, reference: Callable[[int, int], Iterable[Any]]) -> None:
+        """Once per run at θ0, before any sample (EATA's Fisher information), with only `params`
+        requiring gradients: `forward(inputs)` gives [B, C] class logits at the current weights,
+        `reference(n, batch)` batches of model inputs of the task's first n reference samples
+        (clean, never scored nor used for validation; a TTAError if the task has none). Leave the
+        weights as they are. Default: nothing."""
 
     def loss(self, step: Step) -> Tensor | None:
         raise NotImplementedError(f"method {self.name} must implement loss(step)")

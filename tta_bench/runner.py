@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from itertools import islice
 from pathlib import Path
 from time import perf_counter
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -433,6 +433,8 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
     done = checkpoint.load(options.checkpoint, settings, len(protocol.lrs)) if options.checkpoint else None
     if done is not None:
         recorder.extend(done.rows)
+        if adapter is not None and done.memory is not None:  # float64 in JSON: float32 values exactly
+            adapter.memory = torch.tensor(done.memory, dtype=_float_dtype(model), device=device)
     n_seen, n_uncertain = (done.n_seen, done.n_uncertain) if done else (0, 0)
     skipped: list[dict] = list(done.skipped) if done else []  # unreadable samples passed over
     # a resumed run's earlier attempts may have run elsewhere (another device, commit, machine)
@@ -491,8 +493,9 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
     def save_progress() -> None:
         seconds = perf_counter() - start  # this attempt's
         attempt = {"from_sample": first_seen, "to_sample": n_seen, "seconds": seconds, **env}
+        memory = adapter.memory.double().tolist() if adapter is not None and adapter.memory is not None else None
         progress = checkpoint.Progress(recorder.frame(), n_seen, n_uncertain, prior_wall + seconds, skipped,
-                                       earlier + [attempt])
+                                       earlier + [attempt], memory)
         try:
             checkpoint.save(options.checkpoint, progress, settings)
         except OSError as err:  # e.g. a full disk: the run goes on, its rows in memory
@@ -503,6 +506,9 @@ def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, de
 
     try:
         with adapter if adapter is not None else nullcontext():
+            if adapter is not None:  # at θ0, once per run (EATA's Fisher information)
+                method.prepare(model, lambda x: task.class_logits(model, x),
+                               dict(zip(adapter.param_names, adapter.params)), protocol, _reference(task, device))
             queued = n_uncertain  # uncertain samples scanned so far (recorded or pending)
             for s in scored:
                 uncertain = s.unreadable is None and method.uncertain(s.delta, s.spread, protocol.threshold)
@@ -637,6 +643,24 @@ def _checkpoint_settings(task: Task, method: Method, protocol: Protocol, options
     if (data := task.data_identity()) is not None:
         what["data"] = data
     return json.loads(json.dumps(what, default=str))  # as the checkpoint stores it
+
+
+def _reference(task: Task, device: torch.device) -> Callable[[int, int], Iterator[Any]]:
+    """(n, batch) -> batches of model inputs of the task's first n reference samples (clean,
+    never scored nor used for validation), for `Method.prepare`."""
+    def batches(n: int, batch: int) -> Iterator[Any]:
+        samples = task.reference_samples()
+        if samples is None:
+            raise TTAError(f"task {task.name} has no reference samples (clean data that is never scored) "
+                           f"for this method to estimate from")
+        it = islice(samples, n)
+        while chunk := list(islice(it, batch)):
+            yield to_device(task.collate([s.raw for s in chunk]), device)
+    return batches
+
+
+def _float_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _names(adapter: Adapter | None, model: torch.nn.Module) -> list[str] | str:

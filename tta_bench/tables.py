@@ -184,7 +184,10 @@ def friedman_table(at_lr: pd.DataFrame) -> tuple[pd.DataFrame, stats.Friedman] |
     return table.reset_index(drop=True), result
 
 
-def headline_table(methods: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+UNITS = {"image": "images", "text": "windows", "mc": "questions"}  # what one sample of a task kind is
+
+
+def headline_table(methods: pd.DataFrame, unit: str = "images") -> tuple[pd.DataFrame, pd.DataFrame]:
     """The answer first: per method its rank, lr and how it was chosen, mean Δacc with its CI,
     wins/losses over configurations, Holm-adjusted p and cost. Returns (raw numbers, view)."""
     extra = [c for c in ("note", *WHOLE, *SECONDS) if c in methods]
@@ -208,8 +211,8 @@ def headline_table(methods: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         view.insert(view.columns.get_loc("wins/losses"), "bpb (Δ%)", [
             "–" if pd.isna(b) else f"{b:.3f} ({c:+.2f}%)" for b, c in zip(data["bpb"], data["Δbpb %"], strict=True)])
     at = view.columns.get_loc("mean Δacc [95% CI]") + 1  # whole-set figures beside the uncertain-set Δacc
-    for column, shown, fmt in (("Δacc all", "Δacc all images", "{:+.2f}"),
-                               ("source acc all (%)", "source acc, all images (%)", "{:.2f}")):
+    for column, shown, fmt in (("Δacc all", f"Δacc all {unit}", "{:+.2f}"),
+                               ("source acc all (%)", f"source acc, all {unit} (%)", "{:.2f}")):
         if column in data:
             view.insert(at, shown, ["–" if pd.isna(x) else fmt.format(x) for x in data[column]])
     if "s/sample" in data:

@@ -93,6 +93,11 @@ class Task:
         on other data. None: the options fix the data (a shipped file, a hub dataset's id)."""
         return None
 
+    def reference_samples(self) -> Iterator[Sample] | None:
+        """Clean samples disjoint from every scored and validation sample, in a fixed order, for
+        methods that estimate something at θ0 before the scan (EATA's Fisher); None: none."""
+        return None
+
     def augmenter(self) -> Callable[[Any, int], Any] | None:
         """(inputs of one sample, n) -> n augmented views, if the task supports augmentation."""
         return None
