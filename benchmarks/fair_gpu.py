@@ -109,6 +109,8 @@ def main() -> int:
     ap.add_argument("--pack", type=Path)
     ap.add_argument("--only", default="", help="comma-separated substrings; run only jobs whose label has one")
     ap.add_argument("--skip", default="", help="semicolon-separated substrings; leave out jobs whose label has one")
+    ap.add_argument("--started", action="store_true",
+                    help="only configurations with a finished job (new methods join the configurations scored so far)")
     args = ap.parse_args()
     from tta_bench.sweep import jobs_from_spec, load_spec
 
@@ -125,6 +127,8 @@ def main() -> int:
     for job in jobs:
         by_config[str(sorted(job.config["task_options"].items()))].append(job)
     done = {p.parent.name for p in args.runs.glob("*/run.json")}
+    if args.started:
+        by_config = {c: js for c, js in by_config.items() if any(j.key in done for j in js)}
     # validation first; then the configurations closest to complete (a resumed sweep finishes them first)
     queue = sorted(by_config.values(), key=lambda js: (priority(js[0].config)[0], -sum(j.key in done for j in js),
                                                        priority(js[0].config)))

@@ -119,7 +119,8 @@ def test_validation_configurations_are_never_scored(tmp_path, mode):
     assert f"validation configurations: {'; '.join(VAL)}" in md  # provenance names them
     if mode == "heldout":
         for table in ("headline", "selection"):  # and so do the captions of held-out selection
-            assert f"(2, subset=val: {'; '.join(VAL)})" in (out / "toy" / f"{table}.md").read_text()
+            named = "; ".join(v.replace(", subset=val", "") for v in VAL)  # every varying option, no defaults hidden
+            assert f"(2, subset=val: {named})" in (out / "toy" / f"{table}.md").read_text()
 
 
 def test_the_choice_is_the_argmax_of_the_validation_mean_with_the_tie_rule(tmp_path):
@@ -253,3 +254,15 @@ def test_only_configurations_every_ranked_method_ran_on_are_scored(tmp_path):
     chosen = read(out, "selection").set_index("family")
     assert chosen.loc["ifo", "test mean Δacc"] == pytest.approx(5.0)  # the selection table: the same three
     assert chosen.loc["ifo", "test configs"] == 3
+
+
+def test_validation_captions_name_a_default_option_too():
+    """A configuration key leaves defaults out (`text(subset=val)` is the default corpus); the
+    caption names every option that varies over the validation configurations."""
+    from tta_bench.leaderboard import validation_labels
+    val = pd.DataFrame({"configuration": ["text(subset=val)", "text(corpus=licenses, subset=val)"],
+                        "option.corpus": ["shakespeare", "licenses"], "option.subset": ["val", "val"],
+                        "option.window": ["128", "128"]})
+    assert validation_labels("text", val, list(val["configuration"])) == [
+        "text(corpus=licenses)", "text(corpus=shakespeare)"]
+    assert validation_labels("text", val.iloc[:1], ["text(subset=val)"]) == ["text(subset=val)"]  # nothing varies

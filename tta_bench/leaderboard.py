@@ -17,9 +17,9 @@ import pandas as pd
 
 from .errors import TTAError
 from .tables import (CHOSEN, HEADLINE_P, MIN_CI, NOOP_EVERYWHERE, OPTION, ORACLE, SUBSET, TOO_FEW_CI, UNITS, Table,
-                     at_chosen, at_severity, axis_table, changed_predictions, clean, configuration_table,
-                     corruption_table, describe, every_severity, friedman_table, headline_table, lr_grid, lr_table,
-                     method_table, no_ops, option_axes, selection_table, threshold_table, write_table)
+                     at_chosen, at_severity, axis_table, changed_predictions, clean, configuration_labels,
+                     configuration_table, corruption_table, describe, every_severity, friedman_table, headline_table,
+                     lr_grid, lr_table, method_table, no_ops, option_axes, selection_table, threshold_table, write_table)
 from .tracking import CONFIGURATION, KIND, METHOD, _first_line, _label, check_uri, open_client
 
 if TYPE_CHECKING:
@@ -431,6 +431,15 @@ def sample_unit(task: str) -> str:
         return "samples"
 
 
+def validation_labels(task: str, val: pd.DataFrame, keys: list[str]) -> list[str]:
+    """The validation configurations as `task(model=…, corruption=…, severity=…)`: every option that
+    varies over them, defaults too (a configuration key leaves defaults out)."""
+    if not keys:
+        return []
+    labels = configuration_labels(val, option_axes(val))
+    return sorted(f"{task}({labels[k]})" if labels.get(k, k) != k else k for k in keys)
+
+
 def task_report(task: str, task_runs: pd.DataFrame, at_d: pd.DataFrame, choice: Choice, folder: Path,
                 selection: Selection, threshold: float | None, reference: str, origin: dict[str, str]) -> TaskReport:
     """Every table and figure of one task (figures are written to `folder`). at_d: the runs at
@@ -456,10 +465,10 @@ def task_report(task: str, task_runs: pd.DataFrame, at_d: pd.DataFrame, choice: 
     methods = method_table(at_lr, chosen, selection.label(), reference, noops)
     order = list(methods["method"])
     too_few = f" ({TOO_FEW_CI})" if (methods["configs"] < MIN_CI).any() else ""
-    unit = sample_unit(task)
+    unit, named = sample_unit(task), validation_labels(task, split_validation(at_d)[1], choice.validation)
     data, view = headline_table(methods, unit)
     tables = {"headline": Table(data, (
-        f"{n_configs}; {selection.caption(choice.validation)}. Mean Δacc (points, on the uncertain samples) with "
+        f"{n_configs}; {selection.caption(named)}. Mean Δacc (points, on the uncertain samples) with "
         f"its BCa bootstrap 95% CI{too_few}; wins/losses: configurations with Δacc > 0 / < 0; {HEADLINE_P}: one-sided "
         f"Wilcoxon signed-rank test against the source model, Holm-adjusted across the methods; cost: "
         f"forward/backward passes per uncertain (scored) sample as run (a one-gradient sweep over K learning rates "
@@ -474,7 +483,7 @@ def task_report(task: str, task_runs: pd.DataFrame, at_d: pd.DataFrame, choice: 
     if choice.families is not None:
         data, view = selection_table(choice.families, order)
         tables["selection"] = Table(data, (
-            f"{n_configs}; {selection.caption(choice.validation)}. Per family: the held-out choice with its mean "
+            f"{n_configs}; {selection.caption(named)}. Per family: the held-out choice with its mean "
             f"Δacc over the validation configurations and over the test configurations; the oracle ({ORACLE}): "
             f"the same candidates ranked by their mean Δacc on the test configurations (optimistic, never used "
             f"for the ranking); regret = oracle test mean − held-out test mean (points)."), view)
