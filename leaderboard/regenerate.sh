@@ -10,7 +10,7 @@
 #    fair_gpu.set_aside_superseded); on a GPU machine without registries
 #    use benchmarks/fair_gpu.sh instead and unpack its runs.tgz into leaderboard-runs/fair;
 #  - the four threshold runs of the image task's threshold figure, kept from the committed table.
-# Cost: ~100 s per image job on one CPU core (1422 jobs), ~21 min for 1185 of them on one H200 with
+# Cost: ~100 s per image job on one CPU core (1738 jobs), ~21 min for 1185 of them on one H200 with
 # 14 workers (measured on 644); text and MC (28 jobs) ~1.6 h on 2 cores.
 #   WORKERS=2 bash leaderboard/regenerate.sh
 #   WORKERS=2 SPECS=sweeps/fair-lm.toml bash leaderboard/regenerate.sh   # text and MC only

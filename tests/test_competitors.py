@@ -140,7 +140,7 @@ def sar_expected(model, x, lr, e0, rho=0.05, sample_stats=False):
 
 
 @pytest.mark.parametrize("norm_stats", ["source", "sample"])
-@pytest.mark.parametrize("momentum", [0.0, 0.9])  # 0.9: the per-lr path, same first step
+@pytest.mark.parametrize("momentum", [0.0, 0.9])  # 0.9: the optimizer replayed per lr, same first step
 def test_sar_two_pass_step_equals_hand_computation(momentum, norm_stats):
     model, lr = NormNet(scale=6.0), 0.8
     before = state(model)

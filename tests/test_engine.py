@@ -103,6 +103,33 @@ def test_one_gradient_sweep_equals_separate_runs():
         pd.testing.assert_frame_equal(part.drop(columns=cost), alone.drop(columns=cost))
 
 
+@pytest.mark.parametrize("optimizer,momentum,weight_decay", [("sgd", 0.9, 0.0), ("sgd", 0.9, 0.05), ("adam", 0.0, 0.0),
+                                                               ("adam", 0.0, 0.05)])
+@pytest.mark.parametrize("method", ["ifo", "sar"])
+def test_one_gradient_replays_any_first_step_bitwise(optimizer, momentum, weight_decay, method):
+    """With one step, momentum, Adam and weight decay are swept from one gradient too: each lr
+    replays a fresh optimizer's first step from θ0; bitwise what a full adaptation per lr gives."""
+    model, x = small_cnn(), ToyTask().x[:8]
+    protocol = Protocol(LRS, threshold=None, optimizer=optimizer, momentum=momentum, weight_decay=weight_decay)
+    assert protocol.one_gradient and not protocol.plain_sgd
+    with Adapter(model, tta_bench.get_method(method, **({"e0_frac": 1.0} if method == "sar" else {})),
+                 lambda m, inp: m(inp), protocol) as a:
+        assert a.one_gradient
+        updated = 0
+        for i in range(len(x)):
+            swept, alone = a.adapt(select(x, i), i), a._per_lr(select(x, i), i)
+            a.snapshot.restore()
+            assert swept.updated == alone.updated
+            if swept.updated:  # one gradient for every lr, not one per lr
+                assert swept.backwards * len(LRS) == alone.backwards
+            updated += swept.updated
+            for k in range(len(LRS)):
+                if swept.logits[k] is not None:
+                    assert torch.equal(swept.logits[k], alone.logits[k]), (i, k)
+        assert updated >= 4
+    assert Protocol(LRS, steps=2).one_gradient is False
+
+
 @pytest.mark.parametrize("steps,momentum", [(1, 0.0), (2, 0.0), (1, 0.9), (2, 0.9)])
 def test_engine_equals_naive_reference_loop(steps, momentum):
     model, method = small_cnn(), tta_bench.get_method("ifo")

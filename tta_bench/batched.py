@@ -23,7 +23,7 @@ CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
 
 def supports_blocks(method: Method, protocol: Protocol) -> str | None:
     """Why this combination cannot adapt in blocks (None: it can)."""
-    if not protocol.one_gradient:
+    if not protocol.plain_sgd:
         return "blocks need one plain SGD step (steps=1, sgd, no momentum or weight decay)"
     if method.remembers:
         return f"method {method.name} carries memory from sample to sample (stream order)"

@@ -52,9 +52,16 @@ class Protocol:
 
     @property
     def one_gradient(self) -> bool:
-        """True when θ0 − η·g for every η is exact: one backward serves the whole lr sweep."""
-        return (self.steps == 1 and self.optimizer == "sgd" and self.momentum == 0
-                and self.weight_decay == 0)
+        """True when one gradient serves the whole lr sweep: a single step (T = 1) from θ0, whose
+        gradient does not depend on the learning rate. Each lr then replays the optimizer's first
+        step with that gradient (momentum, Adam and weight decay included: their first step is a
+        function of θ0, g and η alone), as a separate run would take it."""
+        return self.steps == 1
+
+    @property
+    def plain_sgd(self) -> bool:
+        """One step of plain SGD, θ0 − η·g: what blocks of samples adapt at once (vmap)."""
+        return self.one_gradient and self.optimizer == "sgd" and self.momentum == 0 and self.weight_decay == 0
 
     def check(self, method: Method) -> None:
         """What this protocol cannot do with `method`, as one TTAError (checked before any model loads)."""
@@ -183,8 +190,9 @@ class Adapter:
         return float(torch.nn.utils.clip_grad_norm_(grads, self.protocol.clip))
 
     def _sweep(self, inputs: Any, index: int) -> Adaptation:
-        """The method's update runs once and its step is captured instead of applied; then
-        θ0 − η·g and a forward for each η (exact for one plain SGD step)."""
+        """The method's update runs once and its step is captured instead of applied; then for
+        each η the optimizer's first step from θ0 with the captured gradient, and a forward (plain
+        SGD: θ0 − η·g in one pass). Bitwise what a separate run per η computes."""
         lrs = self.protocol.lrs
         out = Adaptation(logits=[None] * len(lrs))
         u = Updater(self, inputs, index, None, None, out)
@@ -202,10 +210,18 @@ class Adapter:
                  if p.grad is not None]
         live, saved = [p for p, _ in pairs], [s for _, s in pairs]
         grads = [p.grad for p in live]
+        plain = self.protocol.plain_sgd
         with torch.no_grad():
             for k, lr in enumerate(lrs):
-                for p, s, g in zip(live, saved, grads, strict=True):  # p = θ0 − η·g in one pass,
-                    torch.add(s, g, alpha=-lr, out=p)  # bitwise what SGD's step computes
+                if plain:
+                    for p, s, g in zip(live, saved, grads, strict=True):  # p = θ0 − η·g in one pass,
+                        torch.add(s, g, alpha=-lr, out=p)  # bitwise what SGD's step computes
+                else:  # a fresh optimizer's first step from θ0 (its state is built from g alone)
+                    if k:
+                        torch._foreach_copy_(live, saved)
+                    for p, g in zip(live, grads, strict=True):
+                        p.grad = g
+                    self.protocol.make_optimizer(live, lr).step()
                 out.logits[k], out.metrics[k] = self._forward(inputs)
                 out.forwards += 1
         return out
