@@ -95,8 +95,51 @@ def set_aside_superseded(runs: Path) -> None:
         config = json.loads(record.read_text())["config"]
         if (config["method"] == "pasle" and config["hparams"].get("gate") == "own"
                 and "gate" not in config.get("resolved", {})):
-            (runs.parent / "superseded").mkdir(exist_ok=True)
-            shutil.move(str(record.parent), str(runs.parent / "superseded" / record.parent.name))
+            aside = runs.parent / "superseded" / record.parent.name
+            aside.parent.mkdir(exist_ok=True)
+            if aside.exists():  # set aside before, and unpacked again from a committed pack
+                shutil.rmtree(record.parent)
+            else:
+                shutil.move(str(record.parent), str(aside))
+
+
+def complete_view(runs: Path, view: Path, published: Path) -> list[str]:
+    """Fill `view` with links to the run folders of `runs` that a leaderboard can score together
+    with the published one (`published`: its runs table): every run of the method variants it
+    ranks, and every run of each new variant that has a run on every test configuration it scores
+    (a variant missing some would take those configurations out of every method's score; its
+    validation runs go too, or held-out selection could choose it). Returns the new variants left
+    out, with their counts."""
+    import json
+    import shutil
+    from collections import defaultdict
+
+    import pandas as pd
+
+    from tta_bench.tracking import configuration_label, method_label
+
+    table = pd.read_csv(published, dtype=str)
+    at_d = table[(pd.to_numeric(table["threshold"]) == 0.16) & (table["option.subset"] != "val")]
+    known = set(table["method"])
+    scored = set.intersection(*(set(g) for _, g in at_d.groupby("method")["configuration"]))  # where all ran
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir(parents=True)
+    new: dict[str, dict[str, Path]] = defaultdict(dict)  # variant -> configuration -> folder
+    for record in sorted(runs.glob("*/run.json")):
+        config = json.loads(record.read_text())["config"]
+        variant = method_label(config)
+        if config["task"] != "cifar10" or variant in known:
+            (view / record.parent.name).symlink_to(record.parent.resolve())
+            continue
+        new[variant][configuration_label(config)] = record.parent  # validation ones too
+    left_out = []
+    for variant, configs in sorted(new.items()):
+        if scored <= set(configs):
+            for folder in configs.values():
+                (view / folder.name).symlink_to(folder.resolve())
+        else:
+            left_out.append(f"{variant} ({len(set(configs) & scored)} of {len(scored)})")
+    return left_out
 
 
 def main() -> int:
