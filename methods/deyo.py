@@ -49,7 +49,7 @@ def shuffle_patches(x: Tensor, patches: int, order: Tensor) -> Tensor:
     return out
 
 
-def _probs(logits: Tensor) -> Tensor:
+def probabilities(logits: Tensor) -> Tensor:
     """softmax in at least float32 (bf16 autocast logits), in float64 for a float64 model."""
     return torch.softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
 
@@ -88,8 +88,8 @@ class DeYO(NormStatsMethod):
             return None
         shuffled = shuffle_patches(step.inputs, self.hp.patches, self.permutation(step.index).to(step.inputs.device))
         with torch.no_grad():
-            p_shuffled = _probs(step.forward(shuffled)[0])
-        p = _probs(logits.detach())
+            p_shuffled = probabilities(step.forward(shuffled)[0])
+        p = probabilities(logits.detach())
         y = int(p.argmax())
         plpd = float(p[y] - p_shuffled[y])
         return (e, plpd) if plpd > self.hp.plpd else None

@@ -42,7 +42,7 @@ from tta_bench.hparams import HParam
 from tta_bench.method import Step
 from tta_bench.params import norm_affine, norm_layers
 
-from .deyo import _probs
+from .deyo import probabilities
 from .focus import entropy
 from .tent import NormStatsMethod
 
@@ -130,7 +130,7 @@ class EATA(NormStatsMethod):
         e = entropy(step.logits)
         if not float(e.detach()) < e0:
             return None
-        p = _probs(step.logits.detach())
+        p = probabilities(step.logits.detach())
         m = step.memory
         if m is not None:
             if not float(F.cosine_similarity(m[None], p[None], dim=1).abs()) < eps:
