@@ -26,6 +26,14 @@ from .dataspace import (DEFAULT_EMBEDDER, DataSpace, Embedder, build, hf_embedde
 from .lm import EMBEDDED, SUBSET_SALT, SUBSETS, LanguageTask, hf_datasets, last_token_logits, offline, subset_of
 
 SHAKESPEARE = Path(__file__).parent / "data" / "text" / "shakespeare.jsonl.gz"
+# Snapshots of the two machine-read corpora, shipped so that every machine scores the same text
+# (the published leaderboard's); their sha256 is pinned: a changed file is refused. `machine:NAME`
+# reads this machine's own copy instead (hashed and recorded with each run).
+SNAPSHOTS = {
+    "python-stdlib": "a81f4ceed7993a76b5327261fd3297759656799baef601e13471bc60fac56281",
+    "licenses": "a9acfce4a573b37d66e7967ba61d9cbd08c12dd0af2eb3d213c0a5adeb5f78c8",
+}
+MACHINE = "machine:"  # prefix of a corpus read from this machine
 # The paper's corpora on the Hugging Face hub: (dataset id, config, text field)
 HUB_CORPORA = {
     "openwebtext": ("Skylion007/openwebtext", None, "text"),
@@ -37,6 +45,7 @@ HUB_CORPORA = {
     "pile-uncopyrighted": ("monology/pile-uncopyrighted", None, "text"),
 }
 EMBEDDED_CORPORA = ("shakespeare", "python-stdlib", "licenses")
+MACHINE_CORPORA = {"python-stdlib": lambda: python_stdlib(), "licenses": lambda: licenses()}
 # Split by document (never by window), on the text so that copies of a document stay on one side
 _SIDE = f"sha256({SUBSET_SALT!r} + document text), first 8 bytes big-endian"
 _OUTSIDE = "; with data_space=split only documents outside the data space"
@@ -51,6 +60,38 @@ def shakespeare() -> Iterator[tuple[str, str]]:
         for line in f:
             play = json.loads(line)
             yield play["title"], play["text"]
+
+
+def snapshot_path(corpus: str) -> Path:
+    return SHAKESPEARE.with_name(f"{corpus}.jsonl.gz")
+
+
+def snapshot(corpus: str) -> Iterator[tuple[str, str]]:
+    """The shipped snapshot of a machine-read corpus (python-stdlib, licenses), checked against its
+    pinned sha256 first: the text every published run of it scored."""
+    path = snapshot_path(corpus)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+    if digest != SNAPSHOTS[corpus]:
+        raise TTAError(f"the shipped snapshot of corpus {corpus} ({path}) is {'missing' if digest == 'missing' else 'changed'} "
+                       f"(sha256 {digest[:12]}, published {SNAPSHOTS[corpus][:12]}): restore it (reinstall tta-bench), "
+                       f"or read this machine's copy with --corpus {MACHINE}{corpus}")
+    return _read_snapshot(path)
+
+
+def _read_snapshot(path: Path) -> Iterator[tuple[str, str]]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            doc = json.loads(line)
+            yield doc["name"], doc["text"]
+
+
+def write_snapshot(corpus: str, path: Path) -> str:
+    """Snapshot this machine's copy of `corpus` into `path` (reproducibly: no time stamp in the
+    gzip header); its sha256, to pin in SNAPSHOTS."""
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as out:
+        for name, text in MACHINE_CORPORA[corpus]():
+            out.write((json.dumps({"name": name, "text": text}, ensure_ascii=False) + "\n").encode())
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def python_stdlib() -> Iterator[tuple[str, str]]:
@@ -208,7 +249,8 @@ class Text(LanguageTask):
     metrics = ("bpb",)  # bits per byte of the window (DESIGN §2), at θ0 and after adaptation
     options = {
         **LanguageTask.options,
-        "corpus": HParam("shakespeare", str, "shakespeare | python-stdlib | licenses | "
+        "corpus": HParam("shakespeare", str, "shakespeare | python-stdlib | licenses (shipped snapshots) | "
+                         "machine:python-stdlib | machine:licenses (this machine's copy) | "
                          + " | ".join(HUB_CORPORA) + " | any hub dataset id | files (with --data-files)"),
         "data_files": HParam(None, str, "comma-separated .txt/.jsonl/.json/.parquet files", nullable=True),
         "text_field": HParam(None, str, "record field holding the text (default: text)", nullable=True),
@@ -243,7 +285,8 @@ class Text(LanguageTask):
 
     @classmethod
     def corpora(cls) -> list[str]:
-        return list(EMBEDDED_CORPORA) + [f"{k} ({v[0]})" for k, v in HUB_CORPORA.items()]
+        return (list(EMBEDDED_CORPORA) + [MACHINE + k for k in MACHINE_CORPORA]
+                + [f"{k} ({v[0]})" for k, v in HUB_CORPORA.items()])
 
     def documents(self) -> Iterator[tuple[str, str]]:
         """The corpus's documents (with --data-space split: all of them, test and data space)."""
@@ -256,10 +299,10 @@ class Text(LanguageTask):
         o = self.opts
         if corpus == "shakespeare":
             return shakespeare()
-        if corpus == "python-stdlib":
-            return python_stdlib()
-        if corpus == "licenses":
-            return licenses()
+        if corpus in SNAPSHOTS:
+            return snapshot(corpus)
+        if corpus.startswith(MACHINE) and corpus.removeprefix(MACHINE) in MACHINE_CORPORA:
+            return MACHINE_CORPORA[corpus.removeprefix(MACHINE)]()
         dataset_id, config, field = HUB_CORPORA.get(corpus, (corpus, None, "text"))
         if "/" not in dataset_id:
             raise TTAError(f"unknown corpus {corpus!r}; choose one of: {', '.join(self.corpora())}, "
@@ -311,9 +354,10 @@ class Text(LanguageTask):
         return hf_embedder(name, lambda ids: exact_text(lm.tokenizer, ids), next(lm.model.parameters()).device)
 
     def data_identity(self) -> str | None:
-        """The documents' hash for the corpora read from this machine (python-stdlib, licenses,
-        --data-files), which differ between machines; the shipped and hub corpora are fixed by name."""
-        if not self.opts.data_files and self.opts.corpus not in ("python-stdlib", "licenses"):
+        """The documents' hash for the corpora read from this machine (machine:python-stdlib,
+        machine:licenses, --data-files), which differ between machines; the shipped (pinned) and
+        hub corpora are fixed by name."""
+        if not self.opts.data_files and not self.opts.corpus.startswith(MACHINE):
             return None
         digest = hashlib.sha256()
         for name, text in self.documents():

@@ -1,4 +1,5 @@
 """Text and multiple-choice tasks, input fine-tuning, language-model loading and its cache."""
+import hashlib
 import json
 import os
 
@@ -209,10 +210,41 @@ def test_cache_folder_filled_by_two_processes_at_once_keeps_the_first(tmp_path):
 
 
 def test_corpora_read_from_the_machine_carry_their_data_identity(monkeypatch):
-    """A checkpoint of a run on python-stdlib or licenses must not resume on another machine's
-    copy: their documents' hash is part of its fingerprint; the shipped corpus needs none."""
+    """A checkpoint of a run on this machine's python-stdlib or licenses must not resume on
+    another machine's copy: their documents' hash is part of its fingerprint; the shipped
+    corpora (shakespeare, the pinned snapshots) need none."""
     from tta_bench.tasks import text
-    identity = tta_bench.get_task("text", corpus="licenses").data_identity()
-    assert identity is not None and tta_bench.get_task("text", corpus="shakespeare").data_identity() is None
+    identity = tta_bench.get_task("text", corpus="machine:licenses").data_identity()
+    assert identity is not None
+    for shipped in ("shakespeare", "licenses", "python-stdlib"):
+        assert tta_bench.get_task("text", corpus=shipped).data_identity() is None
     monkeypatch.setattr(text, "licenses", lambda: iter([("LICENSE", "another machine's licence")]))
-    assert tta_bench.get_task("text", corpus="licenses").data_identity() not in (None, identity)
+    assert tta_bench.get_task("text", corpus="machine:licenses").data_identity() not in (None, identity)
+    assert list(tta_bench.get_task("text", corpus="machine:licenses").documents()) == [
+        ("LICENSE", "another machine's licence")]
+    assert next(tta_bench.get_task("text", corpus="licenses").documents())[0].startswith("/")  # the snapshot
+
+
+def test_the_shipped_snapshots_are_pinned_and_a_changed_one_is_refused(tmp_path, monkeypatch, capsys):
+    """python-stdlib and licenses read the shipped snapshots (what the published runs scored,
+    whatever this machine has); a snapshot whose sha256 is not the pinned one is refused in one
+    line that says how to read this machine's copy instead."""
+    from tta_bench.cli import main
+    from tta_bench.tasks import text
+    for corpus, sha in text.SNAPSHOTS.items():
+        assert hashlib.sha256(text.snapshot_path(corpus).read_bytes()).hexdigest() == sha
+    docs = list(text.snapshot("licenses"))
+    assert len(docs) > 100 and all(isinstance(n, str) and isinstance(t, str) for n, t in docs)
+    copy = tmp_path / "licenses.jsonl.gz"
+    assert text.write_snapshot("licenses", copy)  # a snapshot of this machine's copy, rebuilt
+    changed = tmp_path / "data" / "licenses.jsonl.gz"
+    changed.parent.mkdir()
+    changed.write_bytes(text.snapshot_path("licenses").read_bytes()[:-10] + b"0123456789")
+    monkeypatch.setattr(text, "snapshot_path", lambda corpus: changed)
+    with pytest.raises(TTAError, match="snapshot of corpus licenses .* is changed .*--corpus machine:licenses"):
+        tta_bench.get_task("text", corpus="licenses").check()
+    assert main(["run", "--task", "text", "--corpus", "licenses", "--method", "ifo", "--lr", "0.01", "--no-track",
+                 "--limit", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is changed" in err[0] and "Traceback" not in err[0]
+    tta_bench.get_task("text", corpus="machine:licenses").check()  # asked for: this machine's copy
