@@ -106,10 +106,11 @@ def set_aside_superseded(runs: Path) -> None:
 def complete_view(runs: Path, view: Path, published: Path) -> list[str]:
     """Fill `view` with links to the run folders of `runs` that a leaderboard can score together
     with the published one (`published`: its runs table): every run of the method variants it
-    ranks, and every run of each new variant that has a run on every test configuration it scores
-    (a variant missing some would take those configurations out of every method's score; its
-    validation runs go too, or held-out selection could choose it). Returns the new variants left
-    out, with their counts."""
+    ranks, every validation run (the held-out choice sees every candidate), and the test runs of
+    each new variant that has one on every test configuration the table scores (a variant missing
+    some would take those configurations out of every method's score; if it is its family's
+    held-out choice, the family waits, named in the leaderboard's notes). Returns the new variants
+    whose test runs are left out, with their counts."""
     import json
     import shutil
     from collections import defaultdict
@@ -128,17 +129,17 @@ def complete_view(runs: Path, view: Path, published: Path) -> list[str]:
     for record in sorted(runs.glob("*/run.json")):
         config = json.loads(record.read_text())["config"]
         variant = method_label(config)
-        if config["task"] != "cifar10" or variant in known:
+        if config["task"] != "cifar10" or variant in known or config["task_options"].get("subset") == "val":
             (view / record.parent.name).symlink_to(record.parent.resolve())
-            continue
-        new[variant][configuration_label(config)] = record.parent  # validation ones too
+        else:
+            new[variant][configuration_label(config)] = record.parent
     left_out = []
     for variant, configs in sorted(new.items()):
         if scored <= set(configs):
             for folder in configs.values():
                 (view / folder.name).symlink_to(folder.resolve())
         else:
-            left_out.append(f"{variant} ({len(set(configs) & scored)} of {len(scored)})")
+            left_out.append(f"{variant} (test runs on {len(set(configs) & scored)} of {len(scored)})")
     return left_out
 
 

@@ -34,10 +34,10 @@ import pandas as pd
 runs = pd.read_csv("leaderboard/cifar10/runs.csv", dtype=str)
 runs[pd.to_numeric(runs["threshold"]) != 0.16].to_csv("leaderboard-runs/cifar10-thresholds.csv", index=False)
 EOF
-# a method variant joins once it has a run on every configuration the published table scores
+# a new method variant is scored once it has a run on every configuration the published table scores
 # (one with fewer would take those configurations out of every method's score); say who waits
 python -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path
 from fair_gpu import complete_view
 left = complete_view(Path('$FAIR'), Path('leaderboard-runs/scored'), Path('leaderboard/cifar10/runs.csv'))
-print('not yet on every scored configuration, left out of this build:', '; '.join(left) or 'none')"
+print('test runs left out of this build (not yet on every scored configuration):', '; '.join(left) or 'none')"
 tta-bench leaderboard --select heldout --out leaderboard --runs leaderboard-runs/scored leaderboard-runs/cifar10-thresholds.csv

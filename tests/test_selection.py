@@ -266,3 +266,39 @@ def test_validation_captions_name_a_default_option_too():
     assert validation_labels("text", val, list(val["configuration"])) == [
         "text(corpus=licenses)", "text(corpus=shakespeare)"]
     assert validation_labels("text", val.iloc[:1], ["text(subset=val)"]) == ["text(subset=val)"]  # nothing varies
+
+
+def test_a_new_variant_is_scored_only_on_every_configuration_the_published_table_scores(tmp_path):
+    """benchmarks/fair_gpu.complete_view: a method variant the published table does not rank
+    joins with its test runs only once they cover every configuration the table scores (fewer
+    would take the others out of every method's score); its validation runs always count."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from tta_bench.tracking import PROTOCOL_DEFAULTS
+    spec = importlib.util.spec_from_file_location("fair_gpu", Path(__file__).parent.parent / "benchmarks" / "fair_gpu.py")
+    fair_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fair_gpu)
+
+    def run(key, method, corruption, subset="test", **hparams):
+        folder = tmp_path / "runs" / key
+        folder.mkdir(parents=True)
+        config = {"task": "cifar10", "task_options": {"corruption": corruption, "subset": subset},
+                  "method": method, "hparams": hparams, "protocol": dict(PROTOCOL_DEFAULTS)}
+        (folder / "run.json").write_text(json.dumps({"config": config}))
+    published = pd.DataFrame({"configuration": ["cifar10(corruption=fog)", "cifar10(corruption=snow)",
+                                                "cifar10(corruption=frost)", "cifar10(corruption=fog, subset=val)"],
+                              "method": ["ifo", "ifo", "tent", "ifo"], "threshold": ["0.16"] * 4,
+                              "option.subset": ["test", "test", "test", "val"]})
+    published.loc[len(published)] = ["cifar10(corruption=fog)", "tent", "0.16", "test"]
+    published.to_csv(tmp_path / "runs.csv", index=False)  # scored: fog only (tent lacks snow, ifo frost)
+    run("a", "ifo", "snow")
+    run("b", "deyo", "fog")
+    run("c", "deyo", "snow")
+    run("d", "deyo", "fog", subset="val")
+    run("e", "eata", "snow")
+    run("f", "eata", "fog", subset="val")
+    left = fair_gpu.complete_view(tmp_path / "runs", tmp_path / "view", tmp_path / "runs.csv")
+    assert left == ["eata (test runs on 0 of 1)"]
+    assert sorted(p.name for p in (tmp_path / "view").iterdir()) == ["a", "b", "c", "d", "f"]
