@@ -29,6 +29,18 @@ def priority(config: dict) -> tuple:
     return (o.get("subset") != "val", -int(o.get("severity", 5)), o.get("corruption", ""), o.get("model", ""))
 
 
+def die_with_parent(parent: int) -> None:
+    """Worker initializer: exit when the sweep that started this worker is gone (killing a sweep
+    must not leave its workers running their queues on, orphaned)."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(2)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def run_configuration(jobs: list[tuple[str, dict]], runs: str, deadline: float, device: str) -> list[tuple[str, str]]:
     """Run one configuration's jobs in turn; (key, outcome) for each."""
     import torch
@@ -178,7 +190,8 @@ def main() -> int:
                                                        priority(js[0].config)))
     args.runs.mkdir(parents=True, exist_ok=True)
     counts: dict[str, int] = defaultdict(int)
-    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), initializer=die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         pending = {pool.submit(run_configuration, [(j.key, j.config) for j in js], str(args.runs), deadline,
                                args.device): js for js in queue}
         while pending:
