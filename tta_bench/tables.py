@@ -184,9 +184,6 @@ def friedman_table(at_lr: pd.DataFrame) -> tuple[pd.DataFrame, stats.Friedman] |
     return table.reset_index(drop=True), result
 
 
-UNITS = {"image": "images", "text": "windows", "mc": "questions"}  # what one sample of a task kind is
-
-
 def headline_table(methods: pd.DataFrame, unit: str = "images") -> tuple[pd.DataFrame, pd.DataFrame]:
     """The answer first: per method its rank, lr and how it was chosen, mean Δacc with its CI,
     wins/losses over configurations, Holm-adjusted p and cost. Returns (raw numbers, view)."""
