@@ -95,6 +95,20 @@ def pack(runs: Path, out: Path, skip: set[str] = frozenset()) -> None:
     print(f"packed {len(frames)} runs into {out}")
 
 
+def unpack_committed(runs: Path, results: Path = Path("benchmarks/results")) -> None:
+    """Unpack every committed pack (results/fair-*-runs.tgz) into `runs`, keeping files already
+    there, and set the superseded runs aside after each pack: a job rerun under today's method
+    definition has the folder name of its superseded run, so the newer run wins whatever the
+    order of the packs."""
+    runs.mkdir(parents=True, exist_ok=True)
+    for tgz in sorted(results.glob("fair-*-runs.tgz")):
+        with tarfile.open(tgz) as tar:
+            for member in tar.getmembers():
+                if member.isfile() and not (runs / member.name).exists():
+                    tar.extract(member, runs, filter="data")
+        set_aside_superseded(runs)
+
+
 def set_aside_superseded(runs: Path) -> None:
     """Move the run folders of a method whose definition has changed since to RUNS/../superseded:
     they are not results of today's method, and their jobs run again. So far: pasle gate=own
@@ -155,6 +169,10 @@ def complete_view(runs: Path, view: Path, published: Path) -> list[str]:
     return left_out
 
 
+def _config_key(job) -> str:
+    return str(sorted(job.config["task_options"].items()))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("spec", type=Path)
@@ -173,6 +191,9 @@ def main() -> int:
     start = time.time()
     deadline = start + args.deadline
     jobs, notes = jobs_from_spec(load_spec(args.spec))
+    done = {p.parent.name for p in args.runs.glob("*/run.json")}
+    # --started: configurations with a finished job of any method (before --only and --skip)
+    started = {_config_key(j) for j in jobs if j.key in done}
     if args.only:
         jobs = [j for j in jobs if any(s in j.label for s in args.only.split(","))]
     if args.skip:
@@ -181,10 +202,9 @@ def main() -> int:
         set_aside_superseded(args.runs)
     by_config: dict[str, list] = defaultdict(list)
     for job in jobs:
-        by_config[str(sorted(job.config["task_options"].items()))].append(job)
-    done = {p.parent.name for p in args.runs.glob("*/run.json")}
+        by_config[_config_key(job)].append(job)
     if args.started:
-        by_config = {c: js for c, js in by_config.items() if any(j.key in done for j in js)}
+        by_config = {c: js for c, js in by_config.items() if c in started}
     # validation first; then the configurations closest to complete (a resumed sweep finishes them first)
     queue = sorted(by_config.values(), key=lambda js: (priority(js[0].config)[0], -sum(j.key in done for j in js),
                                                        priority(js[0].config)))

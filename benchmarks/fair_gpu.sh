@@ -20,7 +20,8 @@ start)
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target "$SITE" . || exit 2
   cp -r . /root/checkout  # the sweep reads the spec and data from here while later calls replace the tree
   mkdir -p "$RUNS"  # the committed runs are done: only the missing jobs run
-  for tgz in benchmarks/results/fair-*-runs.tgz; do tar xzf "$tgz" -C "$RUNS" --skip-old-files; done
+  python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path
+from fair_gpu import unpack_committed; unpack_committed(Path('$RUNS'))"  # newer reruns win over superseded runs
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   if nvidia-cuda-mps-control -d 2>/dev/null; then  # concurrent kernels from the many worker processes
     timeout 60 python3 -c "import torch; torch.zeros(1, device='cuda'); print('MPS on')" \

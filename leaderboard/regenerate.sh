@@ -21,9 +21,8 @@ cd "$(dirname "$0")/.."
 FAIR=leaderboard-runs/fair
 mkdir -p "$FAIR"
 export TTA_BENCH_OFFLINE=1
-for tgz in benchmarks/results/fair-*-runs.tgz; do tar xzf "$tgz" -C "$FAIR" --skip-old-files; done
 python -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path
-from fair_gpu import set_aside_superseded; set_aside_superseded(Path('$FAIR'))"
+from fair_gpu import unpack_committed; unpack_committed(Path('$FAIR'))"
 for spec in ${SPECS-sweeps/fair.toml sweeps/fair-lm.toml}; do
   python benchmarks/fair_gpu.py "$spec" --runs "$FAIR" --workers "${WORKERS:-1}" --device cpu \
     || echo "some jobs of $spec did not finish; building from the others"
