@@ -9,7 +9,8 @@
 #          bash benchmarks/fair_gpu.sh add b        (carry .whl/b), then: add c
 #          bash benchmarks/fair_gpu.sh collect      (waits for the deadline, packs into $OUT)
 # Settings: DEADLINE_S (seconds from start until no new job starts, 480), WORKERS (14),
-# SPEC (sweeps/fair.toml). The sweep runs detached (setsid), so it outlives each call.
+# SPEC (sweeps/fair.toml), ONLY (fair_gpu.py --only: comma-separated label parts, e.g. " · deyo · ").
+# The sweep runs detached (setsid), so it outlives each call.
 set -uo pipefail
 SITE=/root/site; RUNS=/root/fair-runs; LOG=/root/fair.log
 export PYTHONPATH=$SITE PYTHONUNBUFFERED=1 TTA_BENCH_OFFLINE=1 TTA_BENCH_CACHE=/root/tta-cache
@@ -28,7 +29,8 @@ from fair_gpu import unpack_committed; unpack_committed(Path('$RUNS'))"  # newer
       || { echo quit | nvidia-cuda-mps-control; echo "MPS off"; }
   fi
   cd /root/checkout && setsid nohup python3 benchmarks/fair_gpu.py "${SPEC:-sweeps/fair.toml}" --runs "$RUNS" \
-    --workers "${WORKERS:-14}" --deadline "${DEADLINE_S:-480}" --device cuda >"$LOG" 2>&1 < /dev/null &
+    --workers "${WORKERS:-14}" --deadline "${DEADLINE_S:-480}" --device cuda --only "${ONLY:-}" \
+    >"$LOG" 2>&1 < /dev/null &
   sleep 45; cat "$LOG"; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader ;;
 add)
   install "$2" && echo "installed .whl/$2"; tail -3 "$LOG" ;;
