@@ -181,10 +181,12 @@ def main() -> int:
     ap.add_argument("--deadline", type=float, default=float("inf"), help="seconds from now")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--pack", type=Path)
-    ap.add_argument("--only", default="", help="comma-separated substrings; run only jobs whose label has one")
+    ap.add_argument("--only", default="", help="semicolon-separated substrings; run only jobs whose label has one")
     ap.add_argument("--skip", default="", help="semicolon-separated substrings; leave out jobs whose label has one")
     ap.add_argument("--started", action="store_true",
                     help="only configurations with a finished job (new methods join the configurations scored so far)")
+    ap.add_argument("--scored", action="store_true",
+                    help="only configurations where every job outside --only has finished (the ones the tables score)")
     args = ap.parse_args()
     from tta_bench.sweep import jobs_from_spec, load_spec
 
@@ -194,8 +196,12 @@ def main() -> int:
     done = {p.parent.name for p in args.runs.glob("*/run.json")}
     # --started: configurations with a finished job of any method (before --only and --skip)
     started = {_config_key(j) for j in jobs if j.key in done}
-    if args.only:
-        jobs = [j for j in jobs if any(s in j.label for s in args.only.split(","))]
+    only = [s for s in args.only.split(";") if s]
+    chosen = [j for j in jobs if not only or any(s in j.label for s in only)]
+    # --scored: configurations whose jobs outside --only are all finished (before --skip)
+    chosen_keys = {j.key for j in chosen}
+    unfinished = {_config_key(j) for j in jobs if j.key not in chosen_keys | done}
+    jobs = chosen
     if args.skip:
         jobs = [j for j in jobs if not any(s in j.label for s in args.skip.split(";"))]
     if args.runs.is_dir():
@@ -205,6 +211,8 @@ def main() -> int:
         by_config[_config_key(job)].append(job)
     if args.started:
         by_config = {c: js for c, js in by_config.items() if c in started}
+    if args.scored:
+        by_config = {c: js for c, js in by_config.items() if c not in unfinished}
     # validation first; then the configurations closest to complete (a resumed sweep finishes them first)
     queue = sorted(by_config.values(), key=lambda js: (priority(js[0].config)[0], -sum(j.key in done for j in js),
                                                        priority(js[0].config)))

@@ -9,7 +9,7 @@
 #          bash benchmarks/fair_gpu.sh add b        (carry .whl/b), then: add c
 #          bash benchmarks/fair_gpu.sh collect      (waits for the deadline, packs into $OUT)
 # Settings: DEADLINE_S (seconds from start until no new job starts, 480), WORKERS (14),
-# SPEC (sweeps/fair.toml), ONLY (fair_gpu.py --only: comma-separated label parts, e.g. " · deyo · ").
+# SPEC (sweeps/fair.toml), ONLY (fair_gpu.py --only: semicolon-separated label parts, e.g. " · deyo · ").
 # The sweep runs detached (setsid), so it outlives each call.
 set -uo pipefail
 SITE=/root/site; RUNS=/root/fair-runs; LOG=/root/fair.log
