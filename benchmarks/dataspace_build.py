@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tabulate import tabulate
 
-from tta_bench.registry import get_task
+from tta_bench.core.registry import get_task
 from tta_bench.tasks.dataspace import DEFAULT_EMBEDDER
 
 

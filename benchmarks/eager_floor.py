@@ -25,7 +25,7 @@ import torch
 from tabulate import tabulate
 
 import tta_bench
-from tta_bench.method import Step
+from tta_bench.core.method import Step
 
 
 def timed(fn, inputs) -> tuple[float, list[torch.Tensor]]:

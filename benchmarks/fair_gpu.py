@@ -46,8 +46,8 @@ def run_configuration(jobs: list[tuple[str, dict]], runs: str, deadline: float, 
     import torch
 
     from tta_bench import RunOptions, run
-    from tta_bench.errors import TTAError
-    from tta_bench.sweep import run_parts
+    from tta_bench.core.errors import TTAError
+    from tta_bench.sweeps.spec import run_parts
 
     torch.set_num_threads(1)
     outcomes = []
@@ -143,7 +143,7 @@ def complete_view(runs: Path, view: Path, published: Path) -> list[str]:
 
     import pandas as pd
 
-    from tta_bench.tracking import configuration_label, method_label
+    from tta_bench.storage.tracking import configuration_label, method_label
 
     table = pd.read_csv(published, dtype=str)
     at_d = table[(pd.to_numeric(table["threshold"]) == 0.16) & (table["option.subset"] != "val")]
@@ -188,7 +188,7 @@ def main() -> int:
     ap.add_argument("--scored", action="store_true",
                     help="only configurations where every job outside --only has finished (the ones the tables score)")
     args = ap.parse_args()
-    from tta_bench.sweep import jobs_from_spec, load_spec
+    from tta_bench.sweeps.spec import jobs_from_spec, load_spec
 
     start = time.time()
     deadline = start + args.deadline

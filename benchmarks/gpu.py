@@ -21,9 +21,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tta_bench  # noqa: E402
 from naive_vs_engine import measure, print_report  # noqa: E402
 from timing_models import timing_task  # noqa: E402
-from tta_bench.batched import PROBE_BLOCK, BlockAdapter, BlockSizer  # noqa: E402
-from tta_bench.engine import LR_GRIDS, Adapter, Protocol  # noqa: E402
-from tta_bench.runner import cuda_precision, resolve_device  # noqa: E402
+from tta_bench.engine.blocks import PROBE_BLOCK, BlockAdapter, BlockSizer  # noqa: E402
+from tta_bench.core.protocol import LR_GRIDS, Protocol  # noqa: E402
+from tta_bench.engine.adapt import Adapter  # noqa: E402
+from tta_bench.running.scan import cuda_precision, resolve_device  # noqa: E402
 
 PAPER, ONE = LR_GRIDS["paper"], (2.05e-2,)
 

@@ -27,9 +27,9 @@ from tabulate import tabulate
 import tta_bench
 from tta_bench import Protocol, RunOptions
 from tta_bench.cli import LR_GRIDS
-from tta_bench.runner import autocast as autocast_context
-from tta_bench.runner import cuda_precision, resolve_device
-from tta_bench.task import to_device
+from tta_bench.running.scan import autocast as autocast_context
+from tta_bench.running.scan import cuda_precision, resolve_device
+from tta_bench.core.task import to_device
 
 
 def naive(task, model, method, lrs, threshold, clip, limit, device):

@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-from tta_bench.leaderboard import load_runs
-from tta_bench.tracking import open_client, resolve_uri
+from tta_bench.reporting.leaderboard import load_runs
+from tta_bench.storage.tracking import open_client, resolve_uri
 
 
 def rows_of(uri: str, experiment: str) -> pd.DataFrame:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from tta_bench.leaderboard import RUNS_TABLE
-from tta_bench.stats import mcnemar_exact
-from tta_bench.tables import OPTION
+from tta_bench.reporting.leaderboard import RUNS_TABLE
+from tta_bench.core.stats import mcnemar_exact
+from tta_bench.reporting.tables import OPTION
 
 FOLDER = Path(__file__).parent / "cifar10"
 DEFAULTS = {"model": "efficientnet-lite0", "corruption": "none", "severity": "3"}  # tasks/cifar10.py

@@ -1,1 +1,1 @@
-"""Built-in methods, one module per family; discovered by `tta_bench.registry`."""
+"""Built-in methods, one module per family; discovered by `tta_bench.core.registry`."""

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tta_bench.hparams import SEEDS, HParam
-from tta_bench.method import Step
+from tta_bench.core.hparams import SEEDS, HParam
+from tta_bench.core.method import Step
 
 from .focus import entropy
 from .sar import sar_parameters

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tta_bench.errors import TTAError
-from tta_bench.hparams import HParam
-from tta_bench.method import Method, Step
-from tta_bench.task import Task
+from tta_bench.core.errors import TTAError
+from tta_bench.core.hparams import HParam
+from tta_bench.core.method import Method, Step
+from tta_bench.core.task import Task
 
 LOSSES = ("logits", "xent", "entropy")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from tta_bench.method import Method, Step
+from tta_bench.core.method import Method, Step
 
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
 

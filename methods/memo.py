@@ -10,8 +10,8 @@ import math
 import torch
 from torch import Tensor
 
-from tta_bench.hparams import SEEDS, HParam
-from tta_bench.method import Method, Step
+from tta_bench.core.hparams import SEEDS, HParam
+from tta_bench.core.method import Method, Step
 
 MAX_VIEWS = 256  # a stated cap, 4x the paper's 64: each view is a forward and a backward per sample
 

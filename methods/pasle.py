@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tta_bench.hparams import HParam
-from tta_bench.method import Method, Step
+from tta_bench.core.hparams import HParam
+from tta_bench.core.method import Method, Step
 
 
 class Pasle(Method):

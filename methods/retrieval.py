@@ -16,10 +16,10 @@ import numpy as np
 import torch.nn.functional as F
 from torch import Tensor
 
-from tta_bench.errors import TTAError
-from tta_bench.hparams import SEEDS, HParam
-from tta_bench.method import Method, Step
-from tta_bench.task import Task
+from tta_bench.core.errors import TTAError
+from tta_bench.core.hparams import SEEDS, HParam
+from tta_bench.core.method import Method, Step
+from tta_bench.core.task import Task
 
 
 class Retrieval(Method):

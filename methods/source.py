@@ -1,5 +1,5 @@
 """The source model: no adaptation; the reference every Δacc is measured against."""
-from tta_bench.method import Method
+from tta_bench.core.method import Method
 
 
 class Source(Method):

@@ -13,9 +13,9 @@ from typing import Iterator
 
 from torch import Tensor, nn
 
-from tta_bench.hparams import HParam
-from tta_bench.method import Method, Step
-from tta_bench.params import norm_affine
+from tta_bench.core.hparams import HParam
+from tta_bench.core.method import Method, Step
+from tta_bench.core.norms import norm_affine
 
 from .focus import entropy
 

@@ -1,1 +1,1 @@
-"""Built-in tasks, one module per family; discovered by `tta_bench.registry`."""
+"""Built-in tasks, one module per family; discovered by `tta_bench.core.registry`."""

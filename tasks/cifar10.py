@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tta_bench.errors import TTAError
-from tta_bench.hparams import HParam
-from tta_bench.task import Sample, Task
+from tta_bench.core.errors import TTAError
+from tta_bench.core.hparams import HParam
+from tta_bench.core.task import Sample, Task
 
 from . import zoo
 from .augment import augmix_views

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from tta_bench.errors import TTAError
+from tta_bench.core.errors import TTAError
 
 STANDARD = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
             "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
@@ -598,7 +598,7 @@ def _read_cache(path: Path, n: int) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _write_cache(path: Path, images: np.ndarray, done: np.ndarray) -> None:
-    from tta_bench.checkpoint import write_atomically
+    from tta_bench.storage.checkpoint import write_atomically
 
     buffer = io.BytesIO()
     np.savez(buffer, images=images, done=done)

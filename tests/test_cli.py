@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from tta_bench.cli import main
-from tta_bench.provenance import source_sha256
+from tta_bench.running.provenance import source_sha256
 
 
 def run_cli(capsys, *argv):

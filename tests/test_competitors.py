@@ -323,7 +323,7 @@ def test_memo_step_equals_hand_computed_marginal_entropy():
 
 
 def test_memo_counts_every_view_as_a_pass():
-    from tta_bench.engine import Adapter
+    from tta_bench.engine.adapt import Adapter
 
     model, B, lrs = NormNet(scale=3.0), 4, (0.1, 0.2, 0.4)
     with Adapter(model, tta_bench.get_method("memo", views=B), lambda m, x: m(x), Protocol(lrs, threshold=None),
@@ -434,7 +434,7 @@ def test_deyo_filters_loss_and_step_equal_the_official_code():
         assert sorted(perm.tolist()) == list(range(16))
         passed, loss, expected = official_deyo_step(model, x, perm, lr, 0.5 * math.log(C), 0.4 * math.log(C), 0.2)
         seen.append(passed)
-        with tta_bench.engine.Adapter(model, method, lambda m, inp: m(inp), Protocol((lr,), threshold=None, clip=None,
+        with tta_bench.engine.adapt.Adapter(model, method, lambda m, inp: m(inp), Protocol((lr,), threshold=None, clip=None,
                                                                                    momentum=0.9)) as adapter:
             out = adapter.adapt(x, index)
         assert out.updated == (passed == "both"), index

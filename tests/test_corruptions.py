@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tta_bench.errors import TTAError
+from tta_bench.core.errors import TTAError
 from tta_bench.tasks import corruptions as C
 
 torch.set_num_threads(1)

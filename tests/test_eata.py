@@ -14,9 +14,9 @@ from torch import nn
 
 import tta_bench
 from tta_bench import Protocol, RunOptions, TTAError
-from tta_bench.engine import Adapter
+from tta_bench.engine.adapt import Adapter
 from tta_bench.methods.eata import EATA
-from tta_bench.task import Sample
+from tta_bench.core.task import Sample
 
 from conftest import ToyTask
 from test_competitors import ResNetLike
@@ -222,7 +222,7 @@ def test_eata_is_for_images_and_never_adapts_in_blocks():
     method = tta_bench.get_method("eata")
     with pytest.raises(TTAError, match="does not support text tasks"):
         method.supports(tta_bench.get_task("text"))
-    from tta_bench.batched import supports_blocks
+    from tta_bench.engine.blocks import supports_blocks
     assert "memory" in supports_blocks(method, Protocol((0.1,)))
     assert supports_blocks(tta_bench.get_method("eata", memory="none"), Protocol((0.1,))) is not None
     with pytest.raises(TTAError, match="memory"):

@@ -7,8 +7,8 @@ import torch
 
 import tta_bench
 from tta_bench import Method, Protocol, RunOptions, run
-from tta_bench.engine import Adapter, Snapshot
-from tta_bench.task import select
+from tta_bench.engine.adapt import Adapter, Snapshot
+from tta_bench.core.task import select
 
 from conftest import ToyTask, assert_bit_identical, small_cnn, state
 

@@ -15,12 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import tta_bench.checkpoint as checkpoint
+import tta_bench.storage.checkpoint as checkpoint
 from conftest import ToyTask
 from test_cli import run_cli
-from tta_bench import registry
-from tta_bench.runner import RunResult
-from tta_bench.task import Task
+from tta_bench.core import registry
+from tta_bench.running.scan import RunResult
+from tta_bench.core.task import Task
 
 TIMINGS = ["seconds", "select_seconds"]
 EXAMPLES = settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -73,8 +73,8 @@ def full_disk(monkeypatch, inside: Path, after: int) -> list:
                 raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
             return real(path, half)
         return write
-    monkeypatch.setattr("tta_bench.runner.write_atomically", failing(checkpoint.write_atomically))
-    monkeypatch.setattr("tta_bench.checkpoint.write_atomically", failing(checkpoint.write_atomically))
+    monkeypatch.setattr("tta_bench.running.scan.write_atomically", failing(checkpoint.write_atomically))
+    monkeypatch.setattr("tta_bench.storage.checkpoint.write_atomically", failing(checkpoint.write_atomically))
     return written
 
 
@@ -257,7 +257,7 @@ def test_the_model_cache_is_verified_file_by_file_and_rebuilt(tmp_path, monkeypa
 
 
 def test_an_unwritable_model_cache_is_one_line_before_any_work(tmp_path, monkeypatch):
-    from tta_bench.errors import TTAError
+    from tta_bench.core.errors import TTAError
     from tta_bench.tasks import lm
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("TTA_BENCH_CACHE", str(tmp_path / "file" / "cache"))  # under a file: never writable

@@ -11,9 +11,9 @@ import pytest
 
 import tta_bench
 from tta_bench import Protocol, RunOptions, RunResult
-from tta_bench.errors import TTAError
-from tta_bench.leaderboard import load_runs
-from tta_bench.tracking import Tracker, check_uri
+from tta_bench.core.errors import TTAError
+from tta_bench.reporting.leaderboard import load_runs
+from tta_bench.storage.tracking import Tracker, check_uri
 
 from conftest import ToyTask
 from test_cli import run_cli

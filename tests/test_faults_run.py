@@ -25,7 +25,7 @@ TOY_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from conftest import ToyTask
     from tta_bench.cli import main
-    from tta_bench.registry import register_task
+    from tta_bench.core.registry import register_task
 
     @register_task
     class Slow(ToyTask):
@@ -78,7 +78,7 @@ def test_bad_run_input_is_one_line_and_leaves_no_folder(capsys, tmp_path, monkey
 
 def test_entropy_ablation_of_ifo_needs_no_out_of_focus_class(capsys, tmp_path):
     """n_focus does not apply to ifo loss=entropy: it is not refused there."""
-    from tta_bench.registry import get_method, get_task
+    from tta_bench.core.registry import get_method, get_task
     get_method("ifo", n_focus=10, loss="entropy").supports(get_task("cifar10"))
 
 
@@ -217,7 +217,7 @@ def test_skip_unreadable_records_each_skipped_file(capsys, tmp_path, imagenet_di
 def test_skip_unreadable_survives_a_resume(tmp_path, imagenet_dir, monkeypatch):
     """A run interrupted after the skipped file still lists it once resumed."""
     from tta_bench import RunOptions, get_method, get_task, run
-    from tta_bench.engine import Protocol
+    from tta_bench.core.protocol import Protocol
     task = get_task("imagenet", model="resnet18", weights="none", data_dir=str(imagenet_dir))
     options = RunOptions(progress=False, track=False, skip_unreadable=True, checkpoint=tmp_path / "c.parquet",
                          checkpoint_every=1)
@@ -322,11 +322,11 @@ def test_untracked_hint_names_the_experiment(capsys, tmp_path, monkeypatch):
         port = s.getsockname()[1]  # nothing listens there once closed
     monkeypatch.chdir(tmp_path)
     t0 = time.monotonic()
-    from tta_bench.tracking import TrackingUnavailable, Tracker
+    from tta_bench.storage.tracking import TrackingUnavailable, Tracker
     with pytest.raises(TrackingUnavailable):
         Tracker(f"http://127.0.0.1:{port}", "my exp")
     assert time.monotonic() - t0 < 30
-    from tta_bench.runner import RunOptions, _warn_untracked
+    from tta_bench.running.scan import RunOptions, _warn_untracked
     with pytest.warns(UserWarning) as caught:
         _warn_untracked("down", Path("runs/x"), RunOptions(tracking_uri=f"http://127.0.0.1:{port}",
                                                             experiment="my exp"))
@@ -336,8 +336,8 @@ def test_untracked_hint_names_the_experiment(capsys, tmp_path, monkeypatch):
 def test_second_interrupt_while_logging_leaves_one_complete_run(tmp_path, toy_task):
     """Ctrl-C arriving in the middle of logging is held off: the run is logged whole."""
     from tta_bench import RunOptions, get_method, run
-    from tta_bench.engine import Protocol
-    from tta_bench.tracking import Tracker
+    from tta_bench.core.protocol import Protocol
+    from tta_bench.storage.tracking import Tracker
     result = run(toy_task, get_method("ifo"), Protocol(lrs=(0.01, 0.1)), RunOptions(progress=False, track=False))
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "tta-bench")
     original, calls = tracker._run, []
@@ -409,7 +409,7 @@ def test_skip_unreadable_with_nothing_readable_is_no_result(capsys, tmp_path, im
 
 def test_sync_refuses_rows_that_do_not_belong_to_their_record(capsys, tmp_path, toy_task):
     from tta_bench import RunOptions, get_method, run
-    from tta_bench.engine import Protocol
+    from tta_bench.core.protocol import Protocol
     out = tmp_path / "o"
     run(toy_task, get_method("ifo"), Protocol(lrs=(0.01,)), RunOptions(progress=False, track=False, out=out))
     rows = pd.read_parquet(out / "samples.parquet")

@@ -16,12 +16,13 @@ import pandas as pd
 import pytest
 
 import tta_bench
-from tta_bench import RunOptions, Task, registry
+from tta_bench import RunOptions, Task
+from tta_bench.core import registry
 from tta_bench.cli import main
-from tta_bench.executor import job_lock, prepare, run_job
-from tta_bench.signals import shielded, sigterm_as_interrupt
-from tta_bench.sweep import jobs_from_spec, run_parts
-from tta_bench.tracking import JOB, Tracker
+from tta_bench.sweeps.executor import job_lock, prepare, run_job
+from tta_bench.storage.signals import shielded, sigterm_as_interrupt
+from tta_bench.sweeps.spec import jobs_from_spec, run_parts
+from tta_bench.storage.tracking import JOB, Tracker
 
 from conftest import ToyTask
 

@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tta_bench import stats
+from tta_bench.core import stats
 from tta_bench.cli import main
-from tta_bench.errors import TTAError
-from tta_bench.leaderboard import Selection, build
-from tta_bench.tables import HEADLINE_P
+from tta_bench.core.errors import TTAError
+from tta_bench.reporting.leaderboard import Selection, build
+from tta_bench.reporting.tables import HEADLINE_P
 
 from lb_store import CONFIGS, LRS, METHODS, MODELS, SHIFTS, grid_store
 
@@ -107,7 +107,7 @@ def _md_table(path) -> pd.DataFrame:
 
 
 def test_whole_set_columns_name_what_a_sample_is():
-    from tta_bench.leaderboard import sample_unit
+    from tta_bench.reporting.leaderboard import sample_unit
     assert [sample_unit(t) for t in ("cifar10", "imagenet", "text", "mc", "toy")] == [
         "images", "images", "windows", "questions", "samples"]  # toy: a task this installation does not know
 

@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tta_bench import stats
-from tta_bench.leaderboard import Selection, build
-from tta_bench.tables import CORRUPTION_GROUPS, SHORT, STANDARD, TOO_FEW_CI
+from tta_bench.core import stats
+from tta_bench.reporting.leaderboard import Selection, build
+from tta_bench.reporting.tables import CORRUPTION_GROUPS, SHORT, STANDARD, TOO_FEW_CI
 
 METHODS = ("ifo", "entropy")  # both at their default lr 0.0205
 MODELS = ("efficientnet-lite0", "efficientnet-lite1")
@@ -200,7 +200,7 @@ def test_each_task_is_described_in_one_line_above_its_tables(corrupted):
 def test_lr_plot_ticks_every_other_lr_without_overlap_and_counts_are_integers(tmp_path, monkeypatch):
     from matplotlib.ticker import MaxNLocator
 
-    from tta_bench import plots
+    from tta_bench.reporting import plots
 
     figures = []
     monkeypatch.setattr(plots.plt, "close", figures.append)  # keep the figure to inspect it
@@ -224,7 +224,7 @@ def test_lr_plot_ticks_every_other_lr_without_overlap_and_counts_are_integers(tm
 
 
 def sort_in_node(cells: list[str], direction: int = 1) -> list[str]:
-    from tta_bench.site import SORT_KEYS
+    from tta_bench.reporting.site import SORT_KEYS
 
     code = SORT_KEYS + f"console.log(JSON.stringify(sortTexts({json.dumps(cells)}, t => t, {direction})));"
     done = subprocess.run([shutil.which("node"), "-e", code], capture_output=True, text=True, timeout=60)

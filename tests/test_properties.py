@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tta_bench.cli import main
-from tta_bench.errors import TTAError
+from tta_bench.core.errors import TTAError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -98,14 +98,14 @@ def pairs(flags: list[str]) -> st.SearchStrategy[list[str]]:
 @SETTINGS
 @given(argv=pairs(RUN_FLAGS))
 def test_run_flags(workdir, argv):
-    with mock.patch("tta_bench.runner._run", _refuse_work), mock.patch("torch.cuda.is_available", lambda: False):
+    with mock.patch("tta_bench.running.scan._run", _refuse_work), mock.patch("torch.cuda.is_available", lambda: False):
         check(["run", "--no-progress", *argv], workdir)
 
 
 @SETTINGS
 @given(argv=pairs(LEADERBOARD_FLAGS))
 def test_leaderboard_flags(workdir, argv):
-    with mock.patch("tta_bench.leaderboard.load_runs", _refuse_work):
+    with mock.patch("tta_bench.reporting.leaderboard.load_runs", _refuse_work):
         check(["leaderboard", *argv], workdir)
 
 
@@ -122,7 +122,7 @@ def test_sync_inputs(workdir, contents, extra):
     for i, content in enumerate(contents):
         (root / f"run{i}").mkdir()
         (root / f"run{i}" / "run.json").write_bytes(content)
-    with mock.patch("tta_bench.tracking.Tracker.log", _refuse_work):
+    with mock.patch("tta_bench.storage.tracking.Tracker.log", _refuse_work):
         code, err = invoke(["sync", str(root), *extra])
     assert code in (0, 1, 2) and "Traceback" not in err, (contents, extra, err)  # 1: some folders refused
     assert err.count("\n") <= 3 + len(contents), err  # one line per refused folder, plus a summary
@@ -155,8 +155,8 @@ def specs(draw) -> str:
 def test_sweep_specs(workdir, spec):
     path = Path(tempfile.mkdtemp(dir=SANDBOX)) / "spec.toml"
     path.write_text(spec, encoding="utf-8", errors="surrogateescape")
-    with mock.patch("tta_bench.executor.run_local", _refuse_work), \
-            mock.patch("tta_bench.executor.run_submitit", _refuse_work):
+    with mock.patch("tta_bench.sweeps.executor.run_local", _refuse_work), \
+            mock.patch("tta_bench.sweeps.executor.run_submitit", _refuse_work):
         check(["sweep", str(path), "--dry-run"], workdir)
 
 
@@ -204,7 +204,7 @@ def test_cifar_npz_variants(tmp_path):
 
 
 def _numeric_hparams() -> list[tuple[str, str, object]]:
-    from tta_bench.registry import list_methods, method_class
+    from tta_bench.core.registry import list_methods, method_class
 
     return [(m, name, hp) for m in list_methods() for name, hp in method_class(m).hparams.items()
             if hp.type in (int, float)]
@@ -229,7 +229,7 @@ def _edges(hp) -> list:
 def test_hyperparameters_are_range_checked_for_every_method(data):
     """-H name=value of every registered method: accepted only inside the declared interval (and
     finite), otherwise one line saying the range; the parsed value is what the method gets."""
-    from tta_bench.registry import get_method
+    from tta_bench.core.registry import get_method
 
     method, name, hp = data.draw(st.sampled_from(_numeric_hparams()))
     value = data.draw(st.one_of(st.sampled_from(_edges(hp)), st.floats(), st.integers(-2**70, 2**70)))

@@ -5,8 +5,9 @@ import textwrap
 import pytest
 
 import tta_bench
-from tta_bench import TTAError, registry
-from tta_bench.hparams import parse_assignments
+from tta_bench import TTAError
+from tta_bench.core import registry
+from tta_bench.core.hparams import parse_assignments
 
 
 def test_builtins_are_discovered():

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 import tta_bench
 from tta_bench import Protocol, RunOptions, TTAError
 from tta_bench.cli import main
-from tta_bench.engine import Adapter
-from tta_bench.method import Step
-from tta_bench.registry import get_method, get_task
+from tta_bench.engine.adapt import Adapter
+from tta_bench.core.method import Step
+from tta_bench.core.registry import get_method, get_task
 from tta_bench.tasks import dataspace as ds
 
 from conftest import assert_bit_identical, state
@@ -253,7 +253,7 @@ def test_leaking_is_exactly_the_sequences_sharing_a_32_gram(window, seqs, plante
 
 
 def test_labels_name_only_what_differs_from_the_methods_own_defaults():
-    from tta_bench.tracking import method_label
+    from tta_bench.storage.tracking import method_label
     protocol = {"lrs": [5e-5], "threshold": None, "steps": 1, "clip": 1.0, "optimizer": "adam",
                 "momentum": 0.0, "weight_decay": 0.0}
     assert method_label({"method": "nn", "hparams": {"n_select": 4}, "protocol": protocol}) == "nn(n_select=4)"

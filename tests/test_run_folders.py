@@ -8,7 +8,7 @@ import pytest
 
 import tta_bench
 from tta_bench import Protocol, RunOptions, TTAError
-from tta_bench.leaderboard import METRICS, folder_runs, load_runs
+from tta_bench.reporting.leaderboard import METRICS, folder_runs, load_runs
 
 from lb_store import GridToy
 

@@ -7,11 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tta_bench import stats
+from tta_bench.core import stats
 from tta_bench.cli import main
-from tta_bench.errors import TTAError
-from tta_bench.leaderboard import Selection, build, families
-from tta_bench.tables import HEADLINE_P, NOOP, NOOP_EVERYWHERE
+from tta_bench.core.errors import TTAError
+from tta_bench.reporting.leaderboard import Selection, build, families
+from tta_bench.reporting.tables import HEADLINE_P, NOOP, NOOP_EVERYWHERE
 
 CORRUPTIONS = ("fog", "frost", "glass", "snow")
 TEST = [f"toy(corruption={c})" for c in CORRUPTIONS]
@@ -259,7 +259,7 @@ def test_only_configurations_every_ranked_method_ran_on_are_scored(tmp_path):
 def test_validation_captions_name_a_default_option_too():
     """A configuration key leaves defaults out (`text(subset=val)` is the default corpus); the
     caption names every option that varies over the validation configurations."""
-    from tta_bench.leaderboard import validation_labels
+    from tta_bench.reporting.leaderboard import validation_labels
     val = pd.DataFrame({"configuration": ["text(subset=val)", "text(corpus=licenses, subset=val)"],
                         "option.corpus": ["shakespeare", "licenses"], "option.subset": ["val", "val"],
                         "option.window": ["128", "128"]})
@@ -276,7 +276,7 @@ def test_a_new_variant_is_scored_only_on_every_configuration_the_published_table
     import json
     from pathlib import Path
 
-    from tta_bench.tracking import PROTOCOL_DEFAULTS
+    from tta_bench.storage.tracking import PROTOCOL_DEFAULTS
     spec = importlib.util.spec_from_file_location("fair_gpu", Path(__file__).parent.parent / "benchmarks" / "fair_gpu.py")
     fair_gpu = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fair_gpu)

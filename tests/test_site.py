@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import tta_bench
-from tta_bench.provenance import source_sha256
-from tta_bench.leaderboard import Selection, TaskReport, build
-from tta_bench.leaderboard import provenance as provenance_of
-from tta_bench.tables import Table
-from tta_bench.site import write_site
+from tta_bench.running.provenance import source_sha256
+from tta_bench.reporting.leaderboard import Selection, TaskReport, build
+from tta_bench.reporting.leaderboard import provenance as provenance_of
+from tta_bench.reporting.tables import Table
+from tta_bench.reporting.site import write_site
 
 from lb_store import CONFIGS, LRS, grid_store
 from test_cli import run_cli

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from tta_bench import stats
+from tta_bench.core import stats
 
 
 def test_sign_test_and_mcnemar_are_the_exact_binomial_tail():

@@ -15,11 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 
 import tta_bench
-from tta_bench import Protocol, RunOptions, RunResult, TTAError, checkpoint
+from tta_bench import Protocol, RunOptions, RunResult, TTAError
+from tta_bench.storage import checkpoint
 from tta_bench.cli import main
-from tta_bench.executor import prepare, run_job, run_submitit
-from tta_bench.sweep import expand, jobs_from_spec, load_spec, run_parts
-from tta_bench.tracking import JOB, KIND, run_tags
+from tta_bench.sweeps.executor import prepare, run_job, run_submitit
+from tta_bench.sweeps.spec import expand, jobs_from_spec, load_spec, run_parts
+from tta_bench.storage.tracking import JOB, KIND, run_tags
 
 from conftest import ToyTask
 from test_tracking import Server, _free_port
@@ -185,13 +186,13 @@ def test_disk_full_fails_the_job_clearly_and_a_retry_completes(tmp_path, monkeyp
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("tta_bench.checkpoint.save", full)
-    monkeypatch.setattr("tta_bench.executor.write_atomically", full)  # its result/ folder
+    monkeypatch.setattr("tta_bench.storage.checkpoint.save", full)
+    monkeypatch.setattr("tta_bench.sweeps.executor.write_atomically", full)  # its result/ folder
     with pytest.warns(UserWarning, match="could not write checkpoint .* the run goes on"):
         status = run_job(folder, uri, "d", checkpoint_every=4)
     assert status["status"] == "failed" and "No space left on device" in status["error"]
     monkeypatch.undo()
-    monkeypatch.setattr("tta_bench.checkpoint.save", full)  # checkpoints alone failing: the job completes
+    monkeypatch.setattr("tta_bench.storage.checkpoint.save", full)  # checkpoints alone failing: the job completes
     with pytest.warns(UserWarning, match="could not write checkpoint"):
         [other] = prepare(tmp_path / "other", jobs, "d")
         assert run_job(other, uri, "other", checkpoint_every=4)["status"] == "done"
@@ -207,7 +208,7 @@ def test_submitit_local_executor(tmp_path, monkeypatch):
                               "methods": [{"name": "ifo"}, {"name": "entropy"}]})
     folders = prepare(tmp_path / "state", jobs, "s")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    tta_bench.tracking.Tracker(uri, "s")  # the store exists before the jobs start
+    tta_bench.storage.tracking.Tracker(uri, "s")  # the store exists before the jobs start
     # submitted from a folder holding a broken `tta_bench` (like a checkout's partial package folder):
     # the jobs import the sweep's package all the same
     (tmp_path / "checkout" / "tta_bench").mkdir(parents=True)

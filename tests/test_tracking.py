@@ -17,9 +17,9 @@ import pytest
 import tta_bench
 from tta_bench import Protocol, RunOptions, RunResult
 from tta_bench.cli import main
-from tta_bench.leaderboard import _search as search_store
-from tta_bench.runner import TrackingWarning
-from tta_bench.tracking import CONFIGURATION, KEY, KIND, METHOD, Tracker
+from tta_bench.reporting.leaderboard import _search as search_store
+from tta_bench.running.scan import TrackingWarning
+from tta_bench.storage.tracking import CONFIGURATION, KEY, KIND, METHOD, Tracker
 
 LRS = (1e-2, 1e-1, 1.0)
 

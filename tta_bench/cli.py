@@ -14,15 +14,15 @@ from typing import Iterator, NoReturn, Sequence
 
 import torch
 
-from .engine import LR_GRIDS, OPTIMIZERS, Protocol
-from .checkpoint import FILE as CHECKPOINT
-from .checkpoint import lock
-from .errors import TTAError
-from .hparams import parse_assignments
-from .registry import get_method, get_task, list_methods, list_tasks, method_class, task_class
-from .runner import RunOptions, RunResult, default_out, run
-from .signals import sigterm_as_interrupt
-from .tracking import DEFAULT_EXPERIMENT, Tracker, TrackingUnavailable, check_experiment, check_uri
+from tta_bench.core.protocol import LR_GRIDS, OPTIMIZERS, Protocol
+from tta_bench.storage.checkpoint import FILE as CHECKPOINT
+from tta_bench.storage.checkpoint import lock
+from tta_bench.core.errors import TTAError
+from tta_bench.core.hparams import parse_assignments
+from tta_bench.core.registry import get_method, get_task, list_methods, list_tasks, method_class, task_class
+from tta_bench.running.scan import RunOptions, RunResult, default_out, run
+from tta_bench.storage.signals import sigterm_as_interrupt
+from tta_bench.storage.tracking import DEFAULT_EXPERIMENT, Tracker, TrackingUnavailable, check_experiment, check_uri
 
 DEFAULT_TASK, DEFAULT_METHOD = "cifar10", "ifo"
 
@@ -368,7 +368,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from .leaderboard import Selection, build
+    from tta_bench.reporting.leaderboard import Selection, build
 
     if (args.select == "fixed") != (args.lr is not None):
         raise TTAError("--select fixed needs --lr VALUE, and --lr is only used with --select fixed")
@@ -394,8 +394,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .executor import finished, prepare, read_status, run_local, run_submitit
-    from .sweep import jobs_from_spec, load_spec
+    from tta_bench.sweeps.executor import finished, prepare, read_status, run_local, run_submitit
+    from tta_bench.sweeps.spec import jobs_from_spec, load_spec
 
     for flag, value, least in (("--workers", args.workers, 1), ("--threads-per-worker", args.threads_per_worker, 1),
                                ("--checkpoint-every", args.checkpoint_every, 1), ("--timeout-min", args.timeout_min, 1),

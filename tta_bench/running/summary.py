@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .stats import mcnemar_exact
+from tta_bench.core.stats import mcnemar_exact
 
 
 def summarize(rows: pd.DataFrame, wall_seconds: float, metrics: Sequence[str] = ()) -> list[dict]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .errors import TTAError
+from tta_bench.core.errors import TTAError
 
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .errors import TTAError
-from .tables import (CHOSEN, HEADLINE_P, MIN_CI, NOOP_EVERYWHERE, OPTION, ORACLE, SUBSET, TOO_FEW_CI, UNITS, Table,
+from tta_bench.core.errors import TTAError
+from tta_bench.reporting.tables import (CHOSEN, HEADLINE_P, MIN_CI, NOOP_EVERYWHERE, OPTION, ORACLE, SUBSET, TOO_FEW_CI, UNITS, Table,
                      at_chosen, at_severity, axis_table, changed_predictions, clean, configuration_labels,
                      configuration_table, corruption_table, describe, every_severity, friedman_table, headline_table,
                      lr_grid, lr_table, method_table, no_ops, option_axes, selection_table, threshold_table, write_table)
-from .tracking import CONFIGURATION, KIND, METHOD, _first_line, _label, check_uri, open_client
+from tta_bench.storage.tracking import CONFIGURATION, KIND, METHOD, _first_line, _label, check_uri, open_client
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -194,7 +194,7 @@ def folder_runs(folder: Path, parent: str | None = None) -> pd.DataFrame:
     of a learning-rate sweep is its folder. Interrupted runs are not results and are skipped."""
     import json
 
-    from .tracking import configuration_label, method_label
+    from tta_bench.storage.tracking import configuration_label, method_label
 
     found = [folder] if (folder / "run.json").is_file() else sorted(p.parent for p in folder.glob("*/run.json"))
     if not found:
@@ -251,7 +251,7 @@ def families(runs: pd.DataFrame) -> dict[str, str]:
     """method label -> its family: the registry name and the values of its class's scoring
     hyperparameters (`pasle(gate=own)`; `pasle(tau=0.08)` is a variant of `pasle`); an unknown
     plugin is its own family."""
-    from .registry import method_class
+    from tta_bench.core.registry import method_class
 
     found = {}
     for label, run in runs.drop_duplicates("method").set_index("method").iterrows():
@@ -306,7 +306,7 @@ def _why(err: BaseException) -> str:
 
 def choose_lrs(runs: pd.DataFrame, selection: Selection) -> dict[str, float]:
     """method -> the learning rate its row uses."""
-    from .registry import method_class
+    from tta_bench.core.registry import method_class
 
     chosen: dict[str, float] = {}
     for method, g in runs.dropna(subset=["delta_acc"]).groupby("method"):  # NaN: no sample was scored
@@ -440,7 +440,7 @@ def task_report(task: str, task_runs: pd.DataFrame, at_d: pd.DataFrame, choice: 
                 selection: Selection, threshold: float | None, reference: str, origin: dict[str, str]) -> TaskReport:
     """Every table and figure of one task (figures are written to `folder`). at_d: the runs at
     threshold d; choice: each row's learning rate. Validation configurations are never scored."""
-    from . import plots
+    from tta_bench.reporting import plots
 
     main, chosen = split_validation(at_d)[0], choice.lrs
     notes = ([f"{task}: left out, no runs at d = {_d(threshold)}"] if at_d.empty else
@@ -640,7 +640,7 @@ def build(uri: str | None, experiment: str, out: Path, selection: Selection, thr
     (out / "LEADERBOARD.md").write_text("\n".join([f"# Leaderboard\n\n{summary}\n", *headlines, *sections]))
     written.append(out / "LEADERBOARD.md")
     if site is not None:
-        from .site import write_site
+        from tta_bench.reporting.site import write_site
         written += write_site(site, summary, reports)
     return written
 

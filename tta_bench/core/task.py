@@ -7,8 +7,8 @@ from typing import Any, Callable, ClassVar, Iterator, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .errors import TTAError
-from .hparams import HParam, resolve
+from tta_bench.core.errors import TTAError
+from tta_bench.core.hparams import HParam, resolve
 
 
 class Sample(NamedTuple):

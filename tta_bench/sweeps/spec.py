@@ -29,11 +29,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .engine import LR_GRIDS, Protocol
-from .errors import TTAError
-from .hparams import HParam
-from .registry import get_method, get_task
-from .runner import RunOptions, parse_device
+from tta_bench.core.protocol import LR_GRIDS, Protocol
+from tta_bench.core.errors import TTAError
+from tta_bench.core.hparams import HParam
+from tta_bench.core.registry import get_method, get_task
+from tta_bench.running.scan import RunOptions, parse_device
 
 # Settings of a run (not task options or method hyperparameters): their types and defaults. Values
 # are converted here and range-checked by Protocol and RunOptions, as for `tta-bench run`.
@@ -62,7 +62,7 @@ class Job:
 
     @property
     def label(self) -> str:
-        from .tracking import configuration_label, method_label
+        from tta_bench.storage.tracking import configuration_label, method_label
         c = self.config
         as_run = {"task": c["task"], "task_options": c["task_options"], "method": c["method"],
                   "hparams": c["hparams"], "protocol": c["protocol"]}
@@ -72,7 +72,7 @@ class Job:
 
 def job_key(config: dict) -> str:
     """Stable across runs and machines: the resolved configuration and the package version."""
-    from . import __version__
+    from tta_bench import __version__
     text = json.dumps({"config": config, "version": __version__}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 import pandas as pd
 
-from .errors import TTAError
+from tta_bench.core.errors import TTAError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -162,7 +162,7 @@ class Tracker:
     def log(self, result: Any, tags: dict[str, str] | None = None) -> str:
         """Log a RunResult; returns the id of its top-level run (the sweep parent, if a sweep).
         The top-level run is marked finished last, so a finished parent has all its children."""
-        from .signals import shielded
+        from tta_bench.storage.signals import shielded
 
         try:
             with shielded():  # a second Ctrl-C (or SIGTERM) cannot leave a half-logged run
@@ -249,7 +249,7 @@ def _text(value: Any, limit: int) -> str:
 
 def _registered(kind: str, name: str) -> Any:
     """The task or method class of that name, None for a plugin that is not installed here."""
-    from .registry import method_class, task_class
+    from tta_bench.core.registry import method_class, task_class
     try:
         return task_class(name) if kind == "task" else method_class(name)
     except TTAError:

@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .errors import TTAError
-from .hparams import HParam, resolve
+from tta_bench.core.errors import TTAError
+from tta_bench.core.hparams import HParam, resolve
 
 if TYPE_CHECKING:
-    from .engine import Protocol, Updater
-    from .task import Task
+    from tta_bench.core.protocol import Protocol
+    from tta_bench.engine.adapt import Updater
+    from tta_bench.core.task import Task
 
 ClassLogits = Callable[[nn.Module, Any], Tensor]  # (model, inputs) -> [B, C] class logits
 

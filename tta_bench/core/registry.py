@@ -10,9 +10,9 @@ from functools import cache
 from importlib.metadata import entry_points
 from typing import Any, TypeVar
 
-from .errors import TTAError
-from .method import Method
-from .task import Task
+from tta_bench.core.errors import TTAError
+from tta_bench.core.method import Method
+from tta_bench.core.task import Task
 
 T = TypeVar("T", Method, Task)
 _extra: dict[type, dict[str, type]] = {Method: {}, Task: {}}

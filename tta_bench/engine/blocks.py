@@ -14,9 +14,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from .engine import Adaptation, Protocol
-from .errors import TTAError
-from .method import ClassLogits, Method, Step
+from tta_bench.core.protocol import Protocol
+from tta_bench.engine.adapt import Adaptation
+from tta_bench.core.errors import TTAError
+from tta_bench.core.method import ClassLogits, Method, Step
 
 CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
 

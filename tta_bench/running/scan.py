@@ -23,16 +23,17 @@ import torch
 from tabulate import tabulate
 from tqdm.auto import tqdm
 
-from . import checkpoint
-from .checkpoint import write_atomically
-from .batched import PROBE_BLOCK, BlockAdapter, BlockSizer, supports_blocks
-from .engine import Adaptation, Adapter, Protocol
-from .errors import TTAError
-from .metrics import summarize
-from .method import Method
-from .provenance import environment
-from .task import Sample, Task, UnreadableSample, select, to_device
-from .tracking import DEFAULT_EXPERIMENT, Tracker, TrackingUnavailable, resolve_uri, sync_hint
+from tta_bench.storage import checkpoint
+from tta_bench.storage.checkpoint import write_atomically
+from tta_bench.engine.blocks import PROBE_BLOCK, BlockAdapter, BlockSizer, supports_blocks
+from tta_bench.core.protocol import Protocol
+from tta_bench.engine.adapt import Adaptation, Adapter
+from tta_bench.core.errors import TTAError
+from tta_bench.running.summary import summarize
+from tta_bench.core.method import Method
+from tta_bench.running.provenance import environment
+from tta_bench.core.task import Sample, Task, UnreadableSample, select, to_device
+from tta_bench.storage.tracking import DEFAULT_EXPERIMENT, Tracker, TrackingUnavailable, resolve_uri, sync_hint
 
 # Measured (EfficientNet-Lite0, 224 px, 1 thread): per-sample forward 16 ms at batch 1, 29 ms at 16,
 # 50 ms at 64 on this CPU; GPUs are launch-bound at batch 1.
@@ -86,7 +87,7 @@ class RunResult:
     def load(cls, out: Path) -> RunResult:
         """A result saved by `save` (e.g. to upload it to MLflow later); a TTAError naming the
         folder and what is wrong if it holds none."""
-        from .tracking import _first_line, run_params, run_tags
+        from tta_bench.storage.tracking import _first_line, run_params, run_tags
 
         fix = "pass a folder written by tta-bench run (or re-run it)"
         path = out / "run.json"

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-from . import stats
+from tta_bench.core import stats
 
 FORMATS = {"md": "github", "html": "html", "tex": "latex_booktabs"}
 OPTION = "option."  # column prefix of the task options (corruption, model, corpus, …) in the runs

@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import TTAError
+from tta_bench.core.errors import TTAError
 
 META = b"tta_bench"
 FILE = "checkpoint.parquet"  # its name in a run's or a sweep job's folder

@@ -35,14 +35,14 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import FILE, lock, try_lock, write_atomically
-from .errors import TTAError
-from .signals import die_with_parent, shielded, sigterm_as_interrupt
-from .sweep import Job
+from tta_bench.storage.checkpoint import FILE, lock, try_lock, write_atomically
+from tta_bench.core.errors import TTAError
+from tta_bench.storage.signals import die_with_parent, shielded, sigterm_as_interrupt
+from tta_bench.sweeps.spec import Job
 
 if TYPE_CHECKING:
-    from .runner import RunResult
-    from .tracking import Tracker
+    from tta_bench.running.scan import RunResult
+    from tta_bench.storage.tracking import Tracker
 
 STATUS, RESULT, LOCK = "status.json", "result", "worker.pid"
 CHECKPOINT = FILE
@@ -136,9 +136,9 @@ def _run_job(folder: Path, uri: str | None, experiment: str, threads: int | None
              previous: dict | None) -> dict:
     import torch
 
-    from .runner import RunOptions, run
-    from .sweep import run_parts
-    from .tracking import JOB, SWEEP, Tracker, TrackingUnavailable
+    from tta_bench.running.scan import RunOptions, run
+    from tta_bench.sweeps.spec import run_parts
+    from tta_bench.storage.tracking import JOB, SWEEP, Tracker, TrackingUnavailable
 
     job = json.loads((folder / "job.json").read_text())
     key, config = job["key"], job["config"]
@@ -178,7 +178,7 @@ def _run_job(folder: Path, uri: str | None, experiment: str, threads: int | None
 def _saved_result(folder: Path) -> RunResult | None:
     """The complete result an earlier attempt saved, if any. An interrupted one (saved by older
     versions) or an unreadable one is removed: its samples are resumed from the checkpoint."""
-    from .runner import RunResult
+    from tta_bench.running.scan import RunResult
 
     if not folder.exists():
         return None
@@ -235,7 +235,7 @@ def run_local(folders: list[Path], workers: int, tracking_uri: str | None, exper
                 env = dict(os.environ)
                 if gpus:
                     env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
-                cmd = [*WORKER_PYTHON, "-m", "tta_bench.executor", str(folder), "--experiment", experiment,
+                cmd = [*WORKER_PYTHON, "-m", "tta_bench.sweeps.executor", str(folder), "--experiment", experiment,
                        "--checkpoint-every", str(checkpoint_every), "--parent", str(os.getpid())]
                 cmd += ["--tracking-uri", tracking_uri] if tracking_uri else []
                 cmd += ["--threads", str(threads)] if threads else []
@@ -321,8 +321,8 @@ def run_submitit(folders: list[Path], logs: Path, tracking_uri: str | None, expe
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Worker entry point: python -m tta_bench.executor JOB_FOLDER [...]"""
-    parser = argparse.ArgumentParser(prog="tta_bench.executor")
+    """Worker entry point: python -m tta_bench.sweeps.executor JOB_FOLDER [...]"""
+    parser = argparse.ArgumentParser(prog="tta_bench.sweeps.executor")
     parser.add_argument("folder", type=Path)
     parser.add_argument("--tracking-uri")
     parser.add_argument("--experiment", required=True)

@@ -9,8 +9,8 @@ import re
 from html import escape
 from pathlib import Path
 
-from .leaderboard import TaskReport
-from .tables import CHOSEN, Table
+from tta_bench.reporting.leaderboard import TaskReport
+from tta_bench.reporting.tables import CHOSEN, Table
 
 TITLES = {"headline": "Headline", "selection": "Held-out selection, oracle and regret",
           "configurations": "Per configuration", "learning_rates": "Methods × learning rates",

@@ -1,0 +1,1 @@
+"""One run: the scan over a task's samples (`scan`), its summary metrics and its provenance."""

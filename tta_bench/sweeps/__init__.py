@@ -1,0 +1,1 @@
+"""Many runs: sweep specs expanded into jobs (`spec`) and their executors (local, Slurm)."""
