@@ -1,6 +1,6 @@
-"""Speed and fidelity of tasks/corruptions.py against the official CIFAR-10-C / ImageNet-C generators.
+"""Speed and fidelity of tta_bench/data/corruptions.py against the official CIFAR-10-C / ImageNet-C generators.
 
-    python benchmarks/corruption_fidelity.py [--n 100] [--official-cifar make_cifar_c.py]
+    python -m benchmarks.corruption_fidelity [--n 100] [--official-cifar make_cifar_c.py]
         [--official-imagenet make_imagenet_c.py] [--imagenet-n 2]
 
 Prints, per corruption: ms/image at severity 5 on one core (32 px, and 224 px for ImageNet-C);
@@ -22,7 +22,6 @@ import ast
 import contextlib
 import ctypes
 import io
-import sys
 import time
 import types
 import warnings
@@ -32,15 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tta_bench.tasks.cifar10 import DATA_FILE
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tta_bench.tasks import corruptions as C  # noqa: E402
+from tta_bench.data import corruptions as C
 
 
 def load_images(n: int) -> np.ndarray:
-    with np.load(ROOT / "tasks" / "data" / "cifar10-test.npz") as data:
+    with np.load(DATA_FILE) as data:
         return data["images"][:n]
 
 

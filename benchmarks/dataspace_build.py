@@ -3,7 +3,7 @@ sequences the held-out half of each corpus gives (--data-space split), the token
 embedder's throughput measured on a sample of sequences, and the extrapolated embedding time and
 index size of the whole data space.
 
-    python benchmarks/dataspace_build.py [--seq-len 64] [--sample 256]
+    python -m benchmarks.dataspace_build [--seq-len 64] [--sample 256]
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from tabulate import tabulate
 
 from tta_bench.core.registry import get_task
-from tta_bench.tasks.dataspace import DEFAULT_EMBEDDER
+from tta_bench.data.dataspace import DEFAULT_EMBEDDER
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ reported). Rounds interleave the variants so that a noisy machine biases none of
 gives the median ms per pass, the speed-up over eager, the largest logit difference and how many of
 the argmax predictions (source and adapted) equal eager's.
 
-    python benchmarks/eager_floor.py --threads 1 --images 64 --rounds 5 [--compile]
+    python -m benchmarks.eager_floor --threads 1 --images 64 --rounds 5 [--compile]
 """
 from __future__ import annotations
 

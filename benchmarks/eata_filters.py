@@ -2,7 +2,7 @@
 EfficientNet-Lite0, the first 500 CIFAR-10 test images, shared gate d = 0.16, one lr (the filters
 decide at θ0, so the lr does not matter). memory=none leaves only the reliable-entropy filter;
 memory=stream (official) adds the redundancy filter against m.
-    python benchmarks/eata_filters.py"""
+    python -m benchmarks.eata_filters"""
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,6 @@
 """Run a sweep spec's jobs in-process on one machine (one GPU shared by many worker processes),
 under a deadline, resumably, and pack the results small enough to carry back:
-    python benchmarks/fair_gpu.py sweeps/fair.toml --runs DIR --workers 12 --deadline 450 --pack OUT
+    python -m benchmarks.fair_gpu sweeps/fair.toml --runs DIR --workers 12 --deadline 450 --pack OUT
 Each job is `tta_bench.run` with tracking off, saved to DIR/<job key>/ (run.json, summary.csv,
 samples.parquet); a job with a run.json is done and skipped. Workers take whole configurations
 (every method of one configuration in turn: its corrupted images are generated once), validation

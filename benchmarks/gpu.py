@@ -3,28 +3,26 @@
 Sections run in order; one that would start after the deadline is skipped and says so. Each
 result is appended as one JSON line to --out (read by benchmarks/gpu_report.py) and printed.
 
-    python benchmarks/gpu.py --out gpu.jsonl --budget 300           # the GPU run (benchmarks/gpu.sh)
-    python benchmarks/gpu.py --out /tmp/t.jsonl --tiny --device cpu  # a dry run of every section
+    python -m benchmarks.gpu --out gpu.jsonl --budget 300            # the GPU run (benchmarks/gpu.sh)
+    python -m benchmarks.gpu --out /tmp/t.jsonl --tiny --device cpu  # a dry run of every section
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 import traceback
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import tta_bench  # noqa: E402
-from naive_vs_engine import measure, print_report  # noqa: E402
-from timing_models import timing_task  # noqa: E402
-from tta_bench.engine.blocks import PROBE_BLOCK, BlockAdapter, BlockSizer  # noqa: E402
-from tta_bench.core.protocol import LR_GRIDS, Protocol  # noqa: E402
-from tta_bench.engine.adapt import Adapter  # noqa: E402
-from tta_bench.running.scan import cuda_precision, resolve_device  # noqa: E402
+import tta_bench
+from benchmarks.naive_vs_engine import measure, print_report
+from benchmarks.timing_models import timing_task
+from tta_bench.core.protocol import LR_GRIDS, Protocol
+from tta_bench.engine.adapt import Adapter
+from tta_bench.engine.blocks import PROBE_BLOCK, BlockAdapter, BlockSizer
+from tta_bench.running.scan import cuda_precision, resolve_device
 
 PAPER, ONE = LR_GRIDS["paper"], (2.05e-2,)
 

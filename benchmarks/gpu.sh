@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 14's GPU check in one go (~8 minutes on an H100/H200): the CUDA tests, the core suite on
 # CUDA, then benchmarks/gpu.py (timings, memory model, profile). Logs and gpu.jsonl go to $OUT;
-# make the tables with: python benchmarks/gpu_report.py $OUT/gpu.jsonl
+# make the tables with: python -m benchmarks.gpu_report $OUT/gpu.jsonl
 set -uo pipefail
 OUT=${OUT:-gpu-results}
 PY=${PYTHON:-python3}
@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED=1
   nproc; } 2>&1 | tee "$OUT/env.txt"
 timeout "${CUDA_TESTS_S:-100}" $PY -m pytest -q -p no:cacheprovider -o addopts="" -m "" \
   tests/test_cuda.py tests/test_batched.py 2>&1 | tee "$OUT/tests_cuda.log"
-timeout "${BENCH_S:-330}" $PY benchmarks/gpu.py --out "$OUT/gpu.jsonl" --budget "${BUDGET_S:-270}" 2>&1 \
+timeout "${BENCH_S:-330}" $PY -m benchmarks.gpu --out "$OUT/gpu.jsonl" --budget "${BUDGET_S:-270}" 2>&1 \
   | grep -v "UserWarning\|warnings.warn\|^  " | tee "$OUT/gpu.log"
 timeout "${SUITE_S:-90}" $PY -m pytest -q -p no:cacheprovider -n 8 -m "not slow" ${SUITE:-tests/test_engine.py \
   tests/test_methods.py tests/test_competitors.py tests/test_registry.py tests/test_stats.py} 2>&1 | tail -40 \

@@ -1,6 +1,6 @@
 """Markdown tables from benchmarks/gpu.py's JSON lines (the README's GPU tables).
 
-    python benchmarks/gpu_report.py benchmarks/results/gpu-h200-2026-11-26-a.jsonl [more.jsonl …]
+    python -m benchmarks.gpu_report benchmarks/results/gpu-h200-2026-11-26-a.jsonl [more.jsonl …]
 """
 from __future__ import annotations
 

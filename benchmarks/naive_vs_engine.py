@@ -8,9 +8,9 @@ forward+backward of the loss and one forward per learning rate (no copies, no up
 bookkeeping). Prints samples/s, the ratios, engine/floor (scan time without model loading),
 peak memory, and whether every prediction agrees exactly.
 
-    python benchmarks/naive_vs_engine.py --limit 2000 --lr-grid paper --threads 1
-    python benchmarks/naive_vs_engine.py --task text --lr-grid llm --limit 40
-    python benchmarks/naive_vs_engine.py --device cuda --lr-grid paper --limit 1000 --slow-limit 200 \
+    python -m benchmarks.naive_vs_engine --limit 2000 --lr-grid paper --threads 1
+    python -m benchmarks.naive_vs_engine --task text --lr-grid llm --limit 40
+    python -m benchmarks.naive_vs_engine --device cuda --lr-grid paper --limit 1000 --slow-limit 200 \
         --adapt-block default,1,16,64      # benchmarks/gpu.py runs the whole GPU matrix
 """
 from __future__ import annotations
@@ -27,9 +27,9 @@ from tabulate import tabulate
 import tta_bench
 from tta_bench import Protocol, RunOptions
 from tta_bench.cli import LR_GRIDS
+from tta_bench.core.task import to_device
 from tta_bench.running.scan import autocast as autocast_context
 from tta_bench.running.scan import cuda_precision, resolve_device
-from tta_bench.core.task import to_device
 
 
 def naive(task, model, method, lrs, threshold, clip, limit, device):

@@ -5,7 +5,7 @@
 # one deadline (a run it stops keeps the windows it finished). Their run folders are packed into
 # $OUT/runs.tgz; log them where MLflow is installed and make the report:
 #   tar xzf runs.tgz && tta-bench sync runs --tracking-uri URI --experiment tta-bench-retrieval-gpu
-#   python benchmarks/retrieval_report.py --experiment tta-bench-retrieval-gpu --tracking-uri URI
+#   python -m benchmarks.retrieval_report --experiment tta-bench-retrieval-gpu --tracking-uri URI
 # On a GPU machine without package registries, carry the packages first: benchmarks/device_carry.sh.
 # Settings (environment): N (sequences per window, 8), WINDOWS (200), SEQ_LEN (64),
 # SPACE_SIZE (10000), EMBEDDER (all-minilm-l6-v2), DEADLINE_S (420), CORPORA, METHODS, LANES

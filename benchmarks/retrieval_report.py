@@ -4,7 +4,7 @@ SIFT paper), Δacc, selection and other seconds per window (timed on the device 
 windows ran on: a run resumed on another machine mixes devices), with every window (gate none) and with
 the shared gate (the windows with Δ1,2 < d: under the per-sample reset, exactly the gated run).
 
-    python benchmarks/retrieval_report.py --experiment tta-bench-retrieval [--tracking-uri URI] [--d 0.16]
+    python -m benchmarks.retrieval_report --experiment tta-bench-retrieval [--tracking-uri URI] [--d 0.16]
 
 --save FILE.parquet keeps the per-window rows the report reads (small: commit them under
 benchmarks/results/), and --rows FILE.parquet makes the report from them, without the store.
@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-from tta_bench.reporting.leaderboard import load_runs
+from tta_bench.reporting.runs import load_runs
 from tta_bench.storage.tracking import open_client, resolve_uri
 
 

@@ -1,6 +1,6 @@
 """Wall time of one sweep with 1 vs N local workers (not a test).
 
-    python benchmarks/sweep_workers.py --workers 2 --limit 300
+    python -m benchmarks.sweep_workers --workers 2 --limit 300
 
 Runs the same small real sweep (CIFAR-10 on EfficientNet-Lite0: clean and contrast × ifo and
 entropy, the paper's 19 learning rates) into fresh state folders and SQLite stores with 1 worker ×

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from tta_bench.reporting.leaderboard import RUNS_TABLE
 from tta_bench.core.stats import mcnemar_exact
+from tta_bench.reporting.runs import RUNS_TABLE
 from tta_bench.reporting.tables import OPTION
 
 FOLDER = Path(__file__).parent / "cifar10"

@@ -21,10 +21,10 @@ cd "$(dirname "$0")/.."
 FAIR=leaderboard-runs/fair
 mkdir -p "$FAIR"
 export TTA_BENCH_OFFLINE=1
-python -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path
-from fair_gpu import unpack_committed; unpack_committed(Path('$FAIR'))"
+python -c "from pathlib import Path
+from benchmarks.fair_gpu import unpack_committed; unpack_committed(Path('$FAIR'))"
 for spec in ${SPECS-sweeps/fair.toml sweeps/fair-lm.toml}; do
-  python benchmarks/fair_gpu.py "$spec" --runs "$FAIR" --workers "${WORKERS:-1}" --device cpu \
+  python -m benchmarks.fair_gpu "$spec" --runs "$FAIR" --workers "${WORKERS:-1}" --device cpu \
     || echo "some jobs of $spec did not finish; building from the others"
 done
 # the threshold runs (d != 0.16) of the committed image table; its d = 0.16 rows are the new runs'
@@ -35,8 +35,8 @@ runs[pd.to_numeric(runs["threshold"]) != 0.16].to_csv("leaderboard-runs/cifar10-
 EOF
 # a new method variant is scored once it has a run on every configuration the published table scores
 # (one with fewer would take those configurations out of every method's score); say who waits
-python -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path
-from fair_gpu import complete_view
+python -c "from pathlib import Path
+from benchmarks.fair_gpu import complete_view
 left = complete_view(Path('$FAIR'), Path('leaderboard-runs/scored'), Path('leaderboard/cifar10/runs.csv'))
 print('test runs left out of this build (not yet on every scored configuration):', '; '.join(left) or 'none')"
 tta-bench leaderboard --select heldout --out leaderboard --runs leaderboard-runs/scored leaderboard-runs/cifar10-thresholds.csv

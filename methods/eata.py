@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tta_bench.core.protocol import Protocol
 from tta_bench.core.errors import TTAError
 from tta_bench.core.hparams import HParam
 from tta_bench.core.method import Step
 from tta_bench.core.norms import norm_affine, norm_layers
+from tta_bench.core.protocol import Protocol
 
 from .deyo import probabilities
 from .focus import entropy

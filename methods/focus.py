@@ -1,4 +1,4 @@
-"""Focus on the likely classes (iFo, doFo) and their loss ablations (DESIGN §3, paper Eq. 2)."""
+"""Focus on the likely classes (iFo, doFo) and their loss ablations (docs/DESIGN.md §3, paper Eq. 2)."""
 from __future__ import annotations
 
 import torch

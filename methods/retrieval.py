@@ -7,7 +7,7 @@ nn-f: the nearest neighbour N times (the paper's failure mode of redundant data)
 sift: SIFT(λ′) through the authors' library `activeft` (Retriever over the faiss index; 200
       candidates pre-selected by nearest-neighbour search, as in the paper).
 random: N uniform data-space sequences (a control).
-A sequence sharing a 32-token n-gram with the test window is never selected (tasks/dataspace.py)."""
+A sequence sharing a 32-token n-gram with the test window is never selected (tta_bench/data/dataspace.py)."""
 from __future__ import annotations
 
 from typing import ClassVar

@@ -15,9 +15,9 @@ import math
 import torch
 from torch import nn
 
-from tta_bench.engine.adapt import Updater
 from tta_bench.core.hparams import HParam
 from tta_bench.core.norms import norm_affine, norm_layers
+from tta_bench.engine.adapt import Updater
 
 from .focus import entropy
 from .tent import NormStatsMethod

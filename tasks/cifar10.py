@@ -2,7 +2,7 @@
 offline, naturally shifted domain (32 px photos upsampled to the model's resolution, 224/240/260
 px). CIFAR class logit = log-sum-exp of the ImageNet logits of its group (see cifar10_groups.py).
 
-Shifts: `corruption` generates CIFAR-10-C corruptions (tasks/corruptions.py) or, with `data_dir`,
+Shifts: `corruption` generates CIFAR-10-C corruptions (tta_bench/data/corruptions.py) or, with `data_dir`,
 reads the released CIFAR-10-C files (DIR/<corruption>.npy, DIR/labels.npy): then nothing is
 generated."""
 from __future__ import annotations
@@ -18,15 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tta_bench.core.errors import TTAError
+from tta_bench.core.errors import TTAError, first_line
 from tta_bench.core.hparams import HParam
 from tta_bench.core.task import Sample, Task
+from tta_bench.data.augment import augmix_views
+from tta_bench.data.cache import file_sha256
+from tta_bench.data.corruptions import CHOICES, SEVERITIES, CorruptedSet, canonical
 
 from . import zoo
-from .augment import augmix_views
 from .cifar10_groups import CIFAR10_GROUPS
-from .corruptions import CHOICES, SEVERITIES, CorruptedSet, canonical
-from .lm import file_sha256
 
 DATA_FILE = Path(__file__).parent / "data" / "cifar10-test.npz"
 EXPECTED = "an .npz with `images` uint8 [N, 32, 32, 3] and `labels` int [N] in 0..9"
@@ -77,7 +77,7 @@ def load_release(folder: Path, name: str, n_classes: int = 10) -> tuple[np.ndarr
         try:
             arrays[key] = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError, EOFError) as err:
-            arrays[key] = f"cannot be read as .npy ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+            arrays[key] = f"cannot be read as .npy ({first_line(err)})"
         if not isinstance(arrays[key], np.ndarray):  # an .npz under a .npy name loads as an NpzFile
             reason = arrays[key] if isinstance(arrays[key], str) else "is an .npz archive, not an .npy array"
             raise TTAError(f"--data-dir: {path} {reason}; expected {RELEASE_EXPECTED}")

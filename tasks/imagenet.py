@@ -1,7 +1,7 @@
 """ImageNet-1k validation on any torchvision classification model (IMAGENET1K_V1 weights), clean or
 corrupted: `corruption` reads the released ImageNet-C (DIR/<corruption>/<severity>/<wnid>/*.JPEG,
 224 px images: only normalised) or, given plain val (DIR/<wnid>/*.JPEG), corrupts on the fly
-(resize 256, center crop 224, tasks.corruptions.corrupt_imagenet seeded by the sample index)."""
+(resize 256, center crop 224, tta_bench.data.corruptions.corrupt_imagenet seeded by the sample index)."""
 from __future__ import annotations
 
 import hashlib
@@ -21,10 +21,9 @@ from torchvision.transforms.v2 import functional as TF
 from tta_bench.core.errors import TTAError
 from tta_bench.core.hparams import HParam
 from tta_bench.core.task import Sample, Task, UnreadableSample
-
-from .augment import augmix_views
-from . import corruptions
-from .corruptions import CHOICES, CORRUPTIONS, SEVERITIES, canonical
+from tta_bench.data import corruptions
+from tta_bench.data.augment import augmix_views
+from tta_bench.data.corruptions import CHOICES, CORRUPTIONS, SEVERITIES, canonical
 
 DATA_ENV = "TTA_BENCH_IMAGENET_DIR"
 SYNSETS_FILE = Path(__file__).parent / "data" / "imagenet_synsets.txt"

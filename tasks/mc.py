@@ -1,4 +1,4 @@
-"""MMLU-style multiple choice (DESIGN §4, paper Experiment 11): the paper's prompt, the model's
+"""MMLU-style multiple choice (docs/DESIGN.md §4, paper Experiment 11): the paper's prompt, the model's
 chat template on or off, class logits = the answer-letter logits at the answer position."""
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tta_bench.core.errors import TTAError
+from tta_bench.core.errors import TTAError, first_line
 from tta_bench.core.hparams import HParam
 from tta_bench.core.task import Sample
+from tta_bench.data.cache import hf_datasets
 
-from .lm import EMBEDDED, SUBSET_SALT, SUBSETS, LanguageTask, hf_datasets, last_token_logits, subset_of
+from .lm import EMBEDDED, SUBSET_SALT, SUBSETS, LanguageTask, last_token_logits, subset_of
 
 TEMPLATE = ("Answer the multiple-choice question. State only the letter ({letters}). "
             "Question: {question}\n Choices: {options}\n Answer:")
@@ -84,7 +85,7 @@ def load_questions(dataset: str, data_files: str | None, split: str | None) -> l
             rows = hf_datasets().load_dataset(dataset, config, split=split or default_split)
         except Exception as err:
             raise TTAError(f"dataset {dataset} is not available locally and cannot be downloaded "
-                           f"({str(err).strip().splitlines()[0][:160]}); download it where there is internet "
+                           f"({first_line(err)}); download it where there is internet "
                            "and set HF_HOME, or pass a local json/jsonl with --data-files") from None
         records = [adapt(r) for r in rows]
     else:

@@ -1,4 +1,4 @@
-"""Pile-style next-token prediction (DESIGN §4): documents tokenized and cut into non-overlapping
+"""Pile-style next-token prediction (docs/DESIGN.md §4): documents tokenized and cut into non-overlapping
 windows of `window` tokens; input = the first window−1 tokens, label = the last. Class logits are
 the vocabulary logits at the last input position."""
 from __future__ import annotations
@@ -17,13 +17,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tta_bench.core.errors import TTAError
+from tta_bench.core.errors import TTAError, first_line
 from tta_bench.core.hparams import HParam
 from tta_bench.core.task import Sample
+from tta_bench.data.cache import file_sha256, hf_datasets, offline
+from tta_bench.data.dataspace import (
+    DEFAULT_EMBEDDER,
+    DataSpace,
+    Embedder,
+    build,
+    hf_embedder,
+    in_data_space,
+    self_embedder,
+    sequences_of,
+)
 
-from .dataspace import (DEFAULT_EMBEDDER, DataSpace, Embedder, build, hf_embedder, in_data_space, self_embedder,
-                        sequences_of)
-from .lm import EMBEDDED, SUBSET_SALT, SUBSETS, LanguageTask, hf_datasets, last_token_logits, offline, subset_of
+from .lm import EMBEDDED, SUBSET_SALT, SUBSETS, LanguageTask, last_token_logits, subset_of
 
 SHAKESPEARE = Path(__file__).parent / "data" / "text" / "shakespeare.jsonl.gz"
 # Snapshots of the two machine-read corpora, shipped so that every machine scores the same text
@@ -70,7 +79,7 @@ def snapshot(corpus: str) -> Iterator[tuple[str, str]]:
     """The shipped snapshot of a machine-read corpus (python-stdlib, licenses), checked against its
     pinned sha256 first: the text every published run of it scored."""
     path = snapshot_path(corpus)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+    digest = file_sha256(path) if path.is_file() else "missing"
     if digest != SNAPSHOTS[corpus]:
         raise TTAError(f"the shipped snapshot of corpus {corpus} ({path}) is {'missing' if digest == 'missing' else 'changed'} "
                        f"(sha256 {digest[:12]}, published {SNAPSHOTS[corpus][:12]}): restore it (reinstall tta-bench), "
@@ -91,7 +100,7 @@ def write_snapshot(corpus: str, path: Path) -> str:
     with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as out:
         for name, text in MACHINE_CORPORA[corpus]():
             out.write((json.dumps({"name": name, "text": text}, ensure_ascii=False) + "\n").encode())
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return file_sha256(path)
 
 
 def python_stdlib() -> Iterator[tuple[str, str]]:
@@ -176,7 +185,7 @@ def _read_files(paths: list[Path], field: str) -> Iterator[tuple[str, str]]:
         try:
             records = hf_datasets().load_dataset(kind, data_files=str(path), split="train")
         except Exception as err:  # datasets raises many types for a malformed file
-            raise TTAError(f"data file {path} cannot be read as {kind} ({str(err).strip().splitlines()[0][:120]})") from None
+            raise TTAError(f"data file {path} cannot be read as {kind} ({first_line(err, 120)})") from None
         yield from _records(iter(records), field, str(path))
 
 
@@ -187,7 +196,7 @@ def hub_corpus(dataset_id: str, config: str | None, field: str, split: str) -> I
         first = next(records, None)
     except Exception as err:  # datasets raises many types (ConnectionError, FileNotFoundError, ...)
         raise TTAError(f"corpus {dataset_id} ({config or 'default'}, {split}) is not available locally "
-                       f"and cannot be downloaded ({str(err).strip().splitlines()[0][:160]}); download it "
+                       f"and cannot be downloaded ({first_line(err)}); download it "
                        "where there is internet and set HF_HOME, or pass local files with --data-files") from None
     return _records(itertools.chain([first] if first is not None else [], records), field, dataset_id)
 
@@ -246,7 +255,7 @@ class Text(LanguageTask):
     description = "next-token prediction on 128-token windows (Pile-style) with a causal LM"
     _data_space: DataSpace | None = None
     subset_documents: dict[str, int] | None = None  # documents per side (test, val), set by the scan
-    metrics = ("bpb",)  # bits per byte of the window (DESIGN §2), at θ0 and after adaptation
+    metrics = ("bpb",)  # bits per byte of the window (docs/DESIGN.md §2), at θ0 and after adaptation
     options = {
         **LanguageTask.options,
         "corpus": HParam("shakespeare", str, "shakespeare | python-stdlib | licenses (shipped snapshots) | "
@@ -258,7 +267,7 @@ class Text(LanguageTask):
         "split": HParam("train", str, "hub dataset split"),
         "window": HParam(128, int, "tokens per window (input = window − 1)", check=lambda n: n >= 2,
                          check_msg="must be >= 2"),
-        # the data space of the retrieval methods (nn, nn-f, sift, random); tasks/dataspace.py
+        # the data space of the retrieval methods (nn, nn-f, sift, random); tta_bench/data/dataspace.py
         "data_space": HParam(None, str, "split (the corpus's documents divided by a hash of their id into "
                              "data space and test windows) | another corpus name or hub id | files (.txt, "
                              ".jsonl, ...); retrieval methods need it, every method then sees the same windows",

@@ -57,7 +57,6 @@ def tiny():
     """A tiny randomly initialised Llama with SmolLM2's real (byte-level BPE) tokenizer: fast
     language-model tests (the engine restores its weights after every sample)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from tta_bench.tasks import lm
     tokenizer = AutoTokenizer.from_pretrained(lm.embedded_folder())
     torch.manual_seed(0)

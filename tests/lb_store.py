@@ -4,10 +4,10 @@ more thresholds on one configuration."""
 import functools
 import tempfile
 
+from conftest import ToyTask, small_cnn
+
 import tta_bench
 from tta_bench import HParam, Protocol, RunOptions
-
-from conftest import ToyTask, small_cnn
 
 LRS = (5e-3, 2e-2, 1e-1)  # 2e-2 is within x2 of the focus methods' default lr 2.05e-2
 METHODS = ("ifo", "entropy", "dofo")

@@ -2,13 +2,12 @@
 adapted one at a time, per-sample clipping included; the CPU default stays one at a time."""
 import pytest
 import torch
+from conftest import ToyTask
 
 import tta_bench
 from tta_bench import Protocol, RunOptions, TTAError
-from tta_bench.engine.blocks import BlockAdapter
 from tta_bench.engine.adapt import Adapter
-
-from conftest import ToyTask
+from tta_bench.engine.blocks import BlockAdapter
 
 LRS = (1e-2, 1e-1, 1.0)
 
@@ -114,8 +113,7 @@ def test_out_of_memory_at_one_sample_stops_keeping_what_finished(toy_task, monke
 def test_the_block_sizer_sizes_later_blocks_from_the_probes_memory(toy_task, monkeypatch):
     """On CUDA the first block is a probe of PROBE_BLOCK samples: its peak memory rise per sample
     sets the later blocks to what fits the budget (memory faked here: 100 bytes per sample)."""
-    from tta_bench.engine.blocks import MAX_BLOCK, PROBE_BLOCK, BlockSizer
-    from tta_bench.running.scan import adapt_in_blocks
+    from tta_bench.engine.blocks import MAX_BLOCK, PROBE_BLOCK, BlockSizer, adapt_in_blocks
 
     last = [0]
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)

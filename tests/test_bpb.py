@@ -1,4 +1,4 @@
-"""Bits per byte (DESIGN §2, issue 13): the text task's per-sample metric at θ0 and after
+"""Bits per byte (docs/DESIGN.md §2, issue 13): the text task's per-sample metric at θ0 and after
 adaptation, for every method; hand computations on a tiny random Llama with SmolLM2's tokenizer;
 the Task.evaluate hook on a toy task; summaries, MLflow and the leaderboard."""
 import copy
@@ -9,18 +9,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import ToyTask
+from tta_bench.tasks.text import covered_bytes
 
 import tta_bench
 from tta_bench import HParam, Protocol, RunOptions, TTAError
-from tta_bench.engine.adapt import Adaptation
-from tta_bench.reporting.leaderboard import Selection, build, load_runs
 from tta_bench.core.method import Step
-from tta_bench.running.summary import summarize
-from tta_bench.running.scan import Recorder, Scored
 from tta_bench.core.task import Sample
-from tta_bench.tasks.text import covered_bytes
-
-from conftest import ToyTask
+from tta_bench.engine.adapt import Adaptation
+from tta_bench.reporting.leaderboard import build
+from tta_bench.reporting.runs import load_runs
+from tta_bench.reporting.selection import Selection
+from tta_bench.running.scan import Recorder, Scored
+from tta_bench.running.summary import summarize
 
 WINDOW = 16
 # iFo's gradient on a random tiny LM is ~2e-4 (not clipped): large rates for a visible change

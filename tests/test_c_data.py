@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-import tta_bench
-from tta_bench import TTAError
-from tta_bench.tasks import corruptions
+from test_cli import run_cli
 from tta_bench.tasks.cifar10 import Cifar10, balanced_order
 from tta_bench.tasks.imagenet import synsets
 
-from test_cli import run_cli
+import tta_bench
+from tta_bench import TTAError
+from tta_bench.data import corruptions
 
 N = 30  # test images per severity (10,000 in the official release)
 

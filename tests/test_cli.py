@@ -64,10 +64,10 @@ def test_list(capsys):
 
 @pytest.mark.slow
 def test_source_hash_names_the_code_in_a_checkout_and_in_a_wheel_alike(tmp_path):
-    files = {"tta_bench/engine.py": "a = 1\n", "methods/focus.py": "b = 2\n", "tasks/text.py": "c = 3\n"}
+    files = {"tta_bench/engine/adapt.py": "a = 1\n", "methods/focus.py": "b = 2\n", "tasks/text.py": "c = 3\n"}
     for root, layout in (("checkout", {}), ("wheel", {"methods": "tta_bench/methods", "tasks": "tta_bench/tasks"})):
         for name, text in files.items():
-            package, file = name.split("/")
+            package, file = name.split("/", 1)
             path = tmp_path / root / layout.get(package, package) / file
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
@@ -79,6 +79,9 @@ def test_source_hash_names_the_code_in_a_checkout_and_in_a_wheel_alike(tmp_path)
     assert source_sha256(wheel) != before
     (tmp_path / "checkout/tasks/text.py").rename(tmp_path / "checkout/tasks/other.py")  # a renamed file
     assert source_sha256(checkout) != before
+    renamed = source_sha256(checkout)
+    (tmp_path / "checkout/tta_bench/engine/adapt.py").write_text("a = 2\n")  # a subpackage's code counts
+    assert source_sha256(checkout) != renamed
 
 
 def test_run_end_to_end_on_the_real_task(capsys, tmp_path):

@@ -7,14 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from conftest import ToyTask, assert_bit_identical, state
 from torch import nn
-
-import tta_bench
-from tta_bench import Protocol, RunOptions, TTAError
 from tta_bench.methods.pasle import Pasle
 from tta_bench.methods.sar import sar_parameters
 
-from conftest import ToyTask, assert_bit_identical, state
+import tta_bench
+from tta_bench import Protocol, RunOptions, TTAError
 
 NORMS = {"bn.weight", "bn.bias", "gn.weight", "gn.bias", "ln.weight", "ln.bias"}
 

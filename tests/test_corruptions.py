@@ -1,4 +1,4 @@
-"""CIFAR-10-C / ImageNet-C corruptions (tasks/corruptions.py): names, determinism, grading,
+"""CIFAR-10-C / ImageNet-C corruptions (tta_bench/data/corruptions.py): names, determinism, grading,
 hand-computed values for the closed-form corruptions, and the on-disk cache."""
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tta_bench.tasks.cifar10 import DATA_FILE as DATA  # the shipped CIFAR-10 test set
 
 from tta_bench.core.errors import TTAError
-from tta_bench.tasks import corruptions as C
+from tta_bench.data import corruptions as C
 
 torch.set_num_threads(1)
-DATA = Path(C.__file__).parent / "data" / "cifar10-test.npz"
 
 # Mean |corrupted - clean| rises with severity wherever the official parameters rise monotonically.
 # Not monotone by design of the official parameters: glass_blur (sigma 0.05, .25, .4, .25, .4 with 1 or

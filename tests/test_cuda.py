@@ -6,8 +6,8 @@ import torch
 
 import tta_bench
 from tta_bench import Protocol, RunOptions
-from tta_bench.engine.blocks import MAX_BLOCK, PROBE_BLOCK
 from tta_bench.core.protocol import LR_GRIDS
+from tta_bench.engine.blocks import MAX_BLOCK, PROBE_BLOCK
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 LRS = (1e-2, 1e-1, 1.0)

@@ -5,22 +5,20 @@ import copy
 import json
 import math
 
-import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-import tta_bench
-from tta_bench import Protocol, RunOptions, TTAError
-from tta_bench.engine.adapt import Adapter
-from tta_bench.methods.eata import EATA
-from tta_bench.core.task import Sample
-
 from conftest import ToyTask
 from test_competitors import ResNetLike
 from test_sweep import CrashingToy, _same_results
+from torch import nn
+from tta_bench.methods.eata import EATA
+
+import tta_bench
+from tta_bench import Protocol, RunOptions, TTAError
+from tta_bench.core.task import Sample
+from tta_bench.engine.adapt import Adapter
 
 
 def configured(model: nn.Module) -> nn.Module:

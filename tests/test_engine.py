@@ -4,13 +4,12 @@ import copy
 import pandas as pd
 import pytest
 import torch
+from conftest import ToyTask, assert_bit_identical, small_cnn, state
 
 import tta_bench
 from tta_bench import Method, Protocol, RunOptions, run
-from tta_bench.engine.adapt import Adapter, Snapshot
 from tta_bench.core.task import select
-
-from conftest import ToyTask, assert_bit_identical, small_cnn, state
+from tta_bench.engine.adapt import Adapter, Snapshot
 
 LRS = (0.01, 0.2, 1.5)
 

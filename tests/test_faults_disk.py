@@ -12,15 +12,15 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import ToyTask
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_cli import run_cli
 
 import tta_bench.storage.checkpoint as checkpoint
-from conftest import ToyTask
-from test_cli import run_cli
 from tta_bench.core import registry
-from tta_bench.running.scan import RunResult
 from tta_bench.core.task import Task
+from tta_bench.running.scan import RunResult
 
 TIMINGS = ["seconds", "select_seconds"]
 EXAMPLES = settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -225,7 +225,7 @@ def test_resume_refuses_a_changed_data_file(capsys, tmp_path, monkeypatch):
 @pytest.mark.parametrize("damage", ["truncated tokenizer", "edited merge rule", "changed config", "deleted template",
                                     "added file", "flipped weights", "old manifest"])
 def test_the_model_cache_is_verified_file_by_file_and_rebuilt(tmp_path, monkeypatch, damage):
-    from tta_bench.tasks import lm
+    from tta_bench.data import cache
     monkeypatch.setenv("TTA_BENCH_CACHE", str(tmp_path / "cache"))
     source = tmp_path / "model.gguf"
     source.write_bytes(b"weights")
@@ -237,8 +237,8 @@ def test_the_model_cache_is_verified_file_by_file_and_rebuilt(tmp_path, monkeypa
         (folder / "tokenizer.json").write_text(json.dumps({"merges": ["a b", "c d"]}))
         (folder / "config.json").write_text(json.dumps({"rms_norm_eps": 1e-5}))
         (folder / "chat_template.jinja").write_text("{{ messages }}")
-    folder = lm.weights_cache("m", source, fill)
-    assert lm.weights_cache("m", source, fill) == folder and len(builds) == 1  # verified, reused
+    folder = cache.weights_cache("m", source, fill)
+    assert cache.weights_cache("m", source, fill) == folder and len(builds) == 1  # verified, reused
     edits = {
         "truncated tokenizer": lambda: os.truncate(folder / "tokenizer.json", 5),
         "edited merge rule": lambda: (folder / "tokenizer.json").write_text(json.dumps({"merges": ["a b", "c e"]})),
@@ -246,29 +246,29 @@ def test_the_model_cache_is_verified_file_by_file_and_rebuilt(tmp_path, monkeypa
         "deleted template": lambda: (folder / "chat_template.jinja").unlink(),
         "added file": lambda: (folder / "special_tokens_map.json").write_text("{}"),
         "flipped weights": lambda: (folder / "model.safetensors").write_bytes(b"\x02" * 64),
-        "old manifest": lambda: (folder / lm.MANIFEST).write_text(json.dumps(
-            {k: v for k, v in json.loads((folder / lm.MANIFEST).read_text()).items() if k != "files"})),
+        "old manifest": lambda: (folder / cache.MANIFEST).write_text(json.dumps(
+            {k: v for k, v in json.loads((folder / cache.MANIFEST).read_text()).items() if k != "files"})),
     }
     edits[damage]()
-    assert lm.weights_cache("m", source, fill) == folder and len(builds) == 2  # rebuilt
+    assert cache.weights_cache("m", source, fill) == folder and len(builds) == 2  # rebuilt
     assert json.loads((folder / "config.json").read_text()) == {"rms_norm_eps": 1e-5}
     assert sorted(p.name for p in folder.iterdir()) == sorted(["model.safetensors", "tokenizer.json", "config.json",
-                                                                "chat_template.jinja", lm.MANIFEST])
+                                                                "chat_template.jinja", cache.MANIFEST])
 
 
 def test_an_unwritable_model_cache_is_one_line_before_any_work(tmp_path, monkeypatch):
     from tta_bench.core.errors import TTAError
-    from tta_bench.tasks import lm
+    from tta_bench.data import cache
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("TTA_BENCH_CACHE", str(tmp_path / "file" / "cache"))  # under a file: never writable
     source = tmp_path / "model.gguf"
     source.write_bytes(b"weights")
     with pytest.raises(TTAError, match=r"cannot write the model cache .* set TTA_BENCH_CACHE to a writable folder"):
-        lm.weights_cache("m", source, lambda folder: (folder / "model.safetensors").write_bytes(b"x"))
+        cache.weights_cache("m", source, lambda folder: (folder / "model.safetensors").write_bytes(b"x"))
 
 
 def test_an_unwritable_corruption_cache_warns_once_and_the_images_are_the_same(tmp_path, monkeypatch):
-    from tta_bench.tasks import corruptions
+    from tta_bench.data import corruptions
     images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     monkeypatch.setenv("TTA_BENCH_CACHE", str(tmp_path / "ok"))
     expected = corruptions.CorruptedSet(images, "gaussian_noise", 3).take(np.arange(6))

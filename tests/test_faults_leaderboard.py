@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import ToyTask
+from test_cli import run_cli
 
 import tta_bench
 from tta_bench import Protocol, RunOptions, RunResult
 from tta_bench.core.errors import TTAError
-from tta_bench.reporting.leaderboard import load_runs
+from tta_bench.reporting.runs import load_runs
 from tta_bench.storage.tracking import Tracker, check_uri
-
-from conftest import ToyTask
-from test_cli import run_cli
 
 LRS = (5e-3, 2e-2)
 

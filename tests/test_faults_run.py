@@ -14,15 +14,14 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-
 from test_cli import run_cli
 
 # A toy task for subprocess runs: a small CNN, with a marker file once the scan is under way and
 # an optional delay per sample, so that a signal reliably lands mid-scan (or before the first).
+# It imports tests/conftest.py: the subprocess runs with tests/ on PYTHONPATH.
 TOY_SCRIPT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    sys.path.insert(0, {tests!r})
     from conftest import ToyTask
     from tta_bench.cli import main
     from tta_bench.core.registry import register_task
@@ -240,11 +239,13 @@ def test_skip_unreadable_survives_a_resume(tmp_path, imagenet_dir, monkeypatch):
 
 def _toy_cli(tmp_path: Path, delay: float, when: str, *argv: str) -> subprocess.Popen:
     script = tmp_path / "toy_cli.py"
-    script.write_text(TOY_SCRIPT.format(tests=str(Path(__file__).parent)))
+    script.write_text(TOY_SCRIPT)
+    path = os.pathsep.join([str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])])
     return subprocess.Popen([sys.executable, str(script), str(tmp_path / "mark"), str(delay), when,
                              "run", "--task", "slow", "--gate", "none", "--no-progress",
                              "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *argv],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": path},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -322,7 +323,7 @@ def test_untracked_hint_names_the_experiment(capsys, tmp_path, monkeypatch):
         port = s.getsockname()[1]  # nothing listens there once closed
     monkeypatch.chdir(tmp_path)
     t0 = time.monotonic()
-    from tta_bench.storage.tracking import TrackingUnavailable, Tracker
+    from tta_bench.storage.tracking import Tracker, TrackingUnavailable
     with pytest.raises(TrackingUnavailable):
         Tracker(f"http://127.0.0.1:{port}", "my exp")
     assert time.monotonic() - t0 < 30

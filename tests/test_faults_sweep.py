@@ -8,23 +8,22 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
+import tomllib
+from conftest import ToyTask
 
 import tta_bench
 from tta_bench import RunOptions, Task
-from tta_bench.core import registry
 from tta_bench.cli import main
-from tta_bench.sweeps.executor import job_lock, prepare, run_job
+from tta_bench.core import registry
 from tta_bench.storage.signals import shielded, sigterm_as_interrupt
-from tta_bench.sweeps.spec import jobs_from_spec, run_parts
 from tta_bench.storage.tracking import JOB, Tracker
-
-from conftest import ToyTask
+from tta_bench.sweeps.executor import job_lock, prepare, run_job
+from tta_bench.sweeps.spec import jobs_from_spec, run_parts
 
 BLOCKS = '[[tasks]]\nname = "cifar10"\n[[methods]]\nname = "ifo"\n'
 

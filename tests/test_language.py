@@ -1,18 +1,18 @@
 """Text and multiple-choice tasks, input fine-tuning, language-model loading and its cache."""
-import hashlib
 import json
 import os
 
 import pytest
 import torch
 from torch import nn
-
-import tta_bench
-from tta_bench import Protocol, RunOptions, TTAError
 from tta_bench.tasks import lm as lm_module
 from tta_bench.tasks.lm import LanguageModel, last_token_logits
 from tta_bench.tasks.mc import LETTERS, build_prompt, shuffled
 from tta_bench.tasks.text import windows
+
+import tta_bench
+from tta_bench import Protocol, RunOptions, TTAError
+from tta_bench.data import cache
 
 
 @pytest.fixture(scope="session")
@@ -160,16 +160,16 @@ def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setenv("TTA_BENCH_CACHE", str(tmp_path))
     folder = lm_module.embedded_folder()
     weights = folder / "model.safetensors"
-    manifest = json.loads((folder / lm_module.MANIFEST).read_text())
+    manifest = json.loads((folder / cache.MANIFEST).read_text())
     with open(weights, "r+b") as f:  # flip bytes in the middle of the weights
         f.seek(weights.stat().st_size // 2)
         f.write(b"\x00\x01\x02\x03")
-    assert not lm_module._cache_is_valid(folder, manifest["source_sha256"])
+    assert not cache.cache_is_valid(folder, manifest["source_sha256"])
     assert lm_module.embedded_folder() == folder
-    assert lm_module._cache_is_valid(folder, manifest["source_sha256"])
+    assert cache.cache_is_valid(folder, manifest["source_sha256"])
     os.truncate(weights, 100)  # a partial write
     lm = lm_module.load_language_model(lm_module.EMBEDDED)
-    assert lm_module._cache_is_valid(folder, manifest["source_sha256"])
+    assert cache.cache_is_valid(folder, manifest["source_sha256"])
     ids = lm.tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         assert lm.tokenizer.decode(last_token_logits(lm.model, ids)[0].argmax()) == " Paris"
@@ -200,11 +200,11 @@ def test_cache_folder_filled_by_two_processes_at_once_keeps_the_first(tmp_path):
         folder.mkdir(parents=True)  # the other process renames its copy into place meanwhile
         (folder / "who").write_text("winner")
 
-    lm_module.replace_folder(folder, fill_while_another_wins)
+    cache.replace_folder(folder, fill_while_another_wins)
     assert (folder / "who").read_text() == "winner"
     assert sorted(p.name for p in folder.parent.iterdir()) == ["space"]
 
-    lm_module.replace_folder(folder, lambda tmp: (tmp / "who").write_text("fresh"))  # stale copy
+    cache.replace_folder(folder, lambda tmp: (tmp / "who").write_text("fresh"))  # stale copy
     assert (folder / "who").read_text() == "fresh"
     assert sorted(p.name for p in folder.parent.iterdir()) == ["space"]
 
@@ -229,10 +229,11 @@ def test_the_shipped_snapshots_are_pinned_and_a_changed_one_is_refused(tmp_path,
     """python-stdlib and licenses read the shipped snapshots (what the published runs scored,
     whatever this machine has); a snapshot whose sha256 is not the pinned one is refused in one
     line that says how to read this machine's copy instead."""
-    from tta_bench.cli import main
     from tta_bench.tasks import text
+
+    from tta_bench.cli import main
     for corpus, sha in text.SNAPSHOTS.items():
-        assert hashlib.sha256(text.snapshot_path(corpus).read_bytes()).hexdigest() == sha
+        assert cache.file_sha256(text.snapshot_path(corpus)) == sha
     docs = list(text.snapshot("licenses"))
     assert len(docs) > 100 and all(isinstance(n, str) and isinstance(t, str) for n, t in docs)
     copy = tmp_path / "licenses.jsonl.gz"

@@ -6,8 +6,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# lowest first; methods and tasks are plugins on the contract and the engine
-LAYERS = ["core", "engine", "storage", "plugins", "running", "sweeps", "reporting", "cli"]
+# lowest first; methods and tasks are plugins on the contract, the engine and the data layer
+LAYERS = ["core", "engine", "storage", "data", "plugins", "running", "sweeps", "reporting", "cli"]
 SOURCES = {"tta_bench": ROOT / "tta_bench", "tta_bench.methods": ROOT / "methods", "tta_bench.tasks": ROOT / "tasks"}
 
 
@@ -98,7 +98,8 @@ def test_the_0_1_module_paths_still_import_with_a_warning():
     from tta_bench.core.protocol import Protocol
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        from tta_bench.engine import Protocol as old_protocol
         from tta_bench.method import Method as old_method
+
+        from tta_bench.engine import Protocol as old_protocol
     assert old_method is Method and old_protocol is Protocol
     assert any("tta_bench.core.method" in str(w.message) for w in caught)

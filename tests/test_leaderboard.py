@@ -5,14 +5,14 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-
-from tta_bench.core import stats
-from tta_bench.cli import main
-from tta_bench.core.errors import TTAError
-from tta_bench.reporting.leaderboard import Selection, build
-from tta_bench.reporting.tables import HEADLINE_P
-
 from lb_store import CONFIGS, LRS, METHODS, MODELS, SHIFTS, grid_store
+
+from tta_bench.cli import main
+from tta_bench.core import stats
+from tta_bench.core.errors import TTAError
+from tta_bench.reporting.leaderboard import build
+from tta_bench.reporting.selection import Selection
+from tta_bench.reporting.tables import HEADLINE_P
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def _md_table(path) -> pd.DataFrame:
 
 
 def test_whole_set_columns_name_what_a_sample_is():
-    from tta_bench.reporting.leaderboard import sample_unit
+    from tta_bench.reporting.report import sample_unit
     assert [sample_unit(t) for t in ("cifar10", "imagenet", "text", "mc", "toy")] == [
         "images", "images", "windows", "questions", "samples"]  # toy: a task this installation does not know
 
@@ -171,10 +171,10 @@ def test_learning_rates_are_methods_by_lr_with_the_chosen_lr_marked(store, tmp_p
 def test_without_an_lr_sweep_there_is_no_methods_by_lr_grid(tmp_path):
     """Each method at one lr (a benchmark at fixed defaults): a grid of dashes and a plot of single
     points say nothing the headline's lr column does not; the per-lr details stay in their CSV."""
+    from lb_store import GridToy
+
     import tta_bench
     from tta_bench import Protocol, RunOptions
-
-    from lb_store import GridToy
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     lrs = {name: tta_bench.get_method(name).default_lr for name in METHODS} | {"tent": 1.0}  # tent: far off
     for shift in SHIFTS:
@@ -215,10 +215,10 @@ def test_corruption_tables_are_split_by_severity(tmp_path):
     view is also given one severity at a time, as TTA papers print it."""
     import tempfile
 
+    from conftest import ToyTask
+
     import tta_bench
     from tta_bench import HParam, Protocol, RunOptions
-
-    from conftest import ToyTask
 
     class Corrupted(ToyTask):
         options = {"corruption": HParam("none", str, "shift", choices=("none", "noise")),

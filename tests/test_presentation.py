@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from tta_bench.core import stats
-from tta_bench.reporting.leaderboard import Selection, build
+from tta_bench.reporting.leaderboard import build
+from tta_bench.reporting.selection import Selection
 from tta_bench.reporting.tables import CORRUPTION_GROUPS, SHORT, STANDARD, TOO_FEW_CI
 
 METHODS = ("ifo", "entropy")  # both at their default lr 0.0205
@@ -81,8 +82,8 @@ def corrupted(tmp_path_factory):
 
 
 def test_the_corruption_order_is_the_benchmarks():
-    from tta_bench.tasks.corruptions import EXTRA
-    from tta_bench.tasks.corruptions import STANDARD as GENERATED
+    from tta_bench.data.corruptions import EXTRA
+    from tta_bench.data.corruptions import STANDARD as GENERATED
 
     assert STANDARD == list(GENERATED) and list(SHORT) == [*GENERATED, *EXTRA]
     assert list(CORRUPTION_GROUPS) == ["noise", "blur", "weather", "digital", "extra"]

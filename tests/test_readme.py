@@ -3,10 +3,9 @@ import re
 from pathlib import Path
 
 import torch
+from conftest import small_cnn
 
 import tta_bench
-
-from conftest import small_cnn
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

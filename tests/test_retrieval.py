@@ -4,23 +4,22 @@ import importlib.util
 import json
 from pathlib import Path
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_bit_identical, state
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tta_bench
 from tta_bench import Protocol, RunOptions, TTAError
 from tta_bench.cli import main
-from tta_bench.engine.adapt import Adapter
 from tta_bench.core.method import Step
 from tta_bench.core.registry import get_method, get_task
-from tta_bench.tasks import dataspace as ds
-
-from conftest import assert_bit_identical, state
+from tta_bench.data import dataspace as ds
+from tta_bench.engine.adapt import Adapter
 
 ROOT = Path(__file__).parents[1]
 

@@ -5,12 +5,11 @@ MLflow) are published without one."""
 import numpy as np
 import pandas as pd
 import pytest
+from lb_store import GridToy
 
 import tta_bench
 from tta_bench import Protocol, RunOptions, TTAError
-from tta_bench.reporting.leaderboard import METRICS, folder_runs, load_runs
-
-from lb_store import GridToy
+from tta_bench.reporting.runs import METRICS, folder_runs, load_runs
 
 COLUMNS = ["task", "configuration", "method", "method_name", "lr", "threshold", "option.model", "option.shift"]
 

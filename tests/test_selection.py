@@ -7,10 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tta_bench.core import stats
 from tta_bench.cli import main
+from tta_bench.core import stats
 from tta_bench.core.errors import TTAError
-from tta_bench.reporting.leaderboard import Selection, build, families
+from tta_bench.reporting.leaderboard import build
+from tta_bench.reporting.runs import families
+from tta_bench.reporting.selection import Selection
 from tta_bench.reporting.tables import HEADLINE_P, NOOP, NOOP_EVERYWHERE
 
 CORRUPTIONS = ("fog", "frost", "glass", "snow")
@@ -259,7 +261,7 @@ def test_only_configurations_every_ranked_method_ran_on_are_scored(tmp_path):
 def test_validation_captions_name_a_default_option_too():
     """A configuration key leaves defaults out (`text(subset=val)` is the default corpus); the
     caption names every option that varies over the validation configurations."""
-    from tta_bench.reporting.leaderboard import validation_labels
+    from tta_bench.reporting.report import validation_labels
     val = pd.DataFrame({"configuration": ["text(subset=val)", "text(corpus=licenses, subset=val)"],
                         "option.corpus": ["shakespeare", "licenses"], "option.subset": ["val", "val"],
                         "option.window": ["128", "128"]})

@@ -11,16 +11,17 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
-
-import tta_bench
-from tta_bench.running.provenance import source_sha256
-from tta_bench.reporting.leaderboard import Selection, TaskReport, build
-from tta_bench.reporting.leaderboard import provenance as provenance_of
-from tta_bench.reporting.tables import Table
-from tta_bench.reporting.site import write_site
-
 from lb_store import CONFIGS, LRS, grid_store
 from test_cli import run_cli
+
+import tta_bench
+from tta_bench.reporting.leaderboard import build
+from tta_bench.reporting.report import TaskReport
+from tta_bench.reporting.report import provenance as provenance_of
+from tta_bench.reporting.selection import Selection
+from tta_bench.reporting.site import write_site
+from tta_bench.reporting.tables import Table
+from tta_bench.running.provenance import source_sha256
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH; install it with "

@@ -5,11 +5,11 @@ import json
 from collections import Counter
 
 import pytest
+from tta_bench.tasks.mc import EMBEDDED_DATASETS, question_key
+from tta_bench.tasks.text import windows
 
 import tta_bench
 from tta_bench import TTAError
-from tta_bench.tasks.mc import EMBEDDED_DATASETS, question_key
-from tta_bench.tasks.text import windows
 
 SIDES = ("test", "val")
 

@@ -13,17 +13,16 @@ import mlflow
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import ToyTask
+from test_tracking import Server, _free_port
 
 import tta_bench
 from tta_bench import Protocol, RunOptions, RunResult, TTAError
-from tta_bench.storage import checkpoint
 from tta_bench.cli import main
+from tta_bench.storage import checkpoint
+from tta_bench.storage.tracking import JOB, KIND, run_tags
 from tta_bench.sweeps.executor import prepare, run_job, run_submitit
 from tta_bench.sweeps.spec import expand, jobs_from_spec, load_spec, run_parts
-from tta_bench.storage.tracking import JOB, KIND, run_tags
-
-from conftest import ToyTask
-from test_tracking import Server, _free_port
 
 TIMING = {"wall_seconds", "samples_per_s", "seconds_per_sample"}
 

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tta_bench.tasks.cifar10 import CIFAR10_GROUPS, Cifar10, balanced_order, load_cifar10
+from tta_bench.tasks.imagenet import synsets
 
 import tta_bench
 from tta_bench import Protocol, RunOptions, TTAError
-from tta_bench.tasks.cifar10 import CIFAR10_GROUPS, Cifar10, balanced_order, load_cifar10
-from tta_bench.tasks.imagenet import synsets
 
 
 def test_cifar10_groups_are_disjoint_imagenet_classes():
@@ -143,7 +143,8 @@ def test_imagenet_augmenter_round_trips_through_pixels(tmp_path):
 
 def test_cifar10_corruptions_are_deterministic_and_graded():
     from tta_bench.tasks.cifar10 import Cifar10
-    from tta_bench.tasks.corruptions import CORRUPTIONS
+
+    from tta_bench.data.corruptions import CORRUPTIONS
 
     clean = next(Cifar10().samples()).raw.float()
     for name in CORRUPTIONS:

@@ -1,13 +1,13 @@
 """MLflow tracking: runs land in a real store (SQLite and a real `mlflow server`), survive an
 unreachable server, and upload later with `tta-bench sync` exactly once."""
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-import re
 from importlib.metadata import version
 
 import mlflow
@@ -17,7 +17,7 @@ import pytest
 import tta_bench
 from tta_bench import Protocol, RunOptions, RunResult
 from tta_bench.cli import main
-from tta_bench.reporting.leaderboard import _search as search_store
+from tta_bench.reporting.runs import _search as search_store
 from tta_bench.running.scan import TrackingWarning
 from tta_bench.storage.tracking import CONFIGURATION, KEY, KIND, METHOD, Tracker
 

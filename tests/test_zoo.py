@@ -5,13 +5,12 @@ import sys
 
 import pytest
 import torch
-
-import tta_bench
-from tta_bench import Protocol, RunOptions, TTAError
+from test_cli import run_cli
 from tta_bench.tasks import zoo
 from tta_bench.tasks.cifar10 import Cifar10
 
-from test_cli import run_cli
+import tta_bench
+from tta_bench import Protocol, RunOptions, TTAError
 
 RESOLUTION = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
 

@@ -4,11 +4,13 @@ Layers, each importing only from the ones before it (tests/test_layers.py checks
   core       the contract: errors, hyperparameters, run settings, protocol, Method, Task, registry
   engine     one sample's adaptation (reset, gating, optimizer, clipping, prediction) and blocks
   storage    files and stores: checkpoints, atomic writes, signals, MLflow tracking
+  data       what tasks share: the weights and data cache (file_sha256), corruptions, AugMix, data spaces
   running    a run: the scan over a task's samples, its summary and provenance
   sweeps     specs of many runs and their executors (local, Slurm)
   reporting  leaderboards: reading runs, choosing hyperparameters, statistics, tables, site
   cli        the `tta-bench` command
-Built-in methods and tasks are the plugin packages `tta_bench.methods` and `tta_bench.tasks`.
+Built-in methods and tasks are the plugin packages `tta_bench.methods` and `tta_bench.tasks` (between
+data and running).
 """
 import importlib.abc
 import importlib.util
@@ -42,7 +44,9 @@ def __getattr__(name: str):
 
 # Module paths before the layers (0.1): `import tta_bench.method` still works, with a warning.
 _MOVED = {"errors": "core.errors", "hparams": "core.hparams", "params": "core.norms", "method": "core.method",
-          "task": "core.task", "registry": "core.registry", "runner": "running.scan"}
+          "task": "core.task", "registry": "core.registry", "runner": "running.scan",
+          "tasks.corruptions": "data.corruptions", "tasks.augment": "data.augment",
+          "tasks.dataspace": "data.dataspace"}
 
 
 class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):

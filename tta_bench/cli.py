@@ -14,13 +14,14 @@ from typing import Iterator, NoReturn, Sequence
 
 import torch
 
-from tta_bench.core.protocol import LR_GRIDS, OPTIMIZERS, Protocol
-from tta_bench.storage.checkpoint import FILE as CHECKPOINT
-from tta_bench.storage.checkpoint import lock
 from tta_bench.core.errors import TTAError
 from tta_bench.core.hparams import parse_assignments
+from tta_bench.core.protocol import Protocol
 from tta_bench.core.registry import get_method, get_task, list_methods, list_tasks, method_class, task_class
+from tta_bench.core.settings import LR_GRIDS, SETTINGS, Setting, default
 from tta_bench.running.scan import RunOptions, RunResult, default_out, run
+from tta_bench.storage.checkpoint import FILE as CHECKPOINT
+from tta_bench.storage.checkpoint import lock
 from tta_bench.storage.signals import sigterm_as_interrupt
 from tta_bench.storage.tracking import DEFAULT_EXPERIMENT, Tracker, TrackingUnavailable, check_experiment, check_uri
 
@@ -76,7 +77,21 @@ def _task_options() -> dict[str, str]:
 def build_parser() -> Parser:
     parser = Parser(prog="tta-bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    _add_run(sub)
+    ls = sub.add_parser("list", help="list methods, tasks or models")
+    ls.add_argument("what", choices=("methods", "tasks", "models", "corpora", "datasets"))
 
+    sy = sub.add_parser("sync", help="upload saved run folders to MLflow (e.g. after the server was down)",
+                        description="Log results saved by `tta-bench run` to MLflow; already logged ones are skipped.")
+    sy.add_argument("folders", nargs="+", type=Path, help="run folders (holding run.json), or folders of them")
+    _tracking_flags(sy)
+
+    _add_leaderboard(sub)
+    _add_sweep(sub)
+    return parser
+
+
+def _add_run(sub) -> None:
     r = sub.add_parser("run", help="run one method on one task", description=(
         "Apply a TTA method under the single-sample-reset protocol and summarise it."))
     r.add_argument("--method", default=DEFAULT_METHOD, help=f"method name (default {DEFAULT_METHOD})")
@@ -84,25 +99,10 @@ def build_parser() -> Parser:
     r.add_argument("--hparam", "-H", action="append", default=[], metavar="KEY=VALUE",
                    help="method hyperparameter, repeatable or comma-separated (e.g. -H weighted=false)")
     lr = r.add_mutually_exclusive_group()
-    lr.add_argument("--lr", type=_floats, help="learning rate(s), comma-separated (default: the method's)")
-    lr.add_argument("--lr-grid", choices=sorted(LR_GRIDS), help="paper: 5e-6·2^(j−1), j = 1..19; llm: its values 2.56e-3 … 4.10e-2 "
-                    "(the paper's LLM range)")
-    r.add_argument("--threshold", type=_optional(float), default=0.16,
-                   help="adapt and score samples with Δ1,2 < threshold (default 0.16; none: all)")
+    for name, setting in SETTINGS.items():  # the protocol's and the scan's settings
+        _setting_flag(lr if name in ("lr", "lr_grid") else r, name, setting)
     r.add_argument("--gate", choices=("delta", "none"), default="delta",
                    help="none: adapt and score every sample (same as --threshold none)")
-    r.add_argument("--steps", type=int, default=1, help="gradient steps per sample (default 1)")
-    r.add_argument("--clip", type=_optional(float), default=1.0, help="max gradient norm (default 1.0; none: off)")
-    r.add_argument("--optimizer", choices=OPTIMIZERS, help="default: the method's (sgd; adam for the "
-                   "retrieval methods nn, nn-f, sift, random)")
-    r.add_argument("--momentum", type=float, default=0.0)
-    r.add_argument("--weight-decay", type=float, default=0.0)
-    r.add_argument("--limit", type=int, help="use only the first N samples")
-    r.add_argument("--max-uncertain", type=int, help="stop after N uncertain samples")
-    r.add_argument("--batch-size", type=int, help="batch size of the source forward and gate "
-                   "(default: 1 on CPU, where it measured fastest per sample; 64 on CUDA)")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     r.add_argument("--threads", type=int, help="CPU threads for torch (recorded)")
     r.add_argument("--tf32", action="store_true", help="allow TF32 on CUDA (faster, less exact; recorded)")
     r.add_argument("--autocast", choices=("bf16",), help="bfloat16 autocast for every forward (CUDA only; recorded)")
@@ -125,14 +125,9 @@ def build_parser() -> Parser:
     for key, help_text in _task_options().items():
         group.add_argument(f"--{key.replace('_', '-')}", dest=f"task_{key}", default=None, help=help_text)
 
-    ls = sub.add_parser("list", help="list methods, tasks or models")
-    ls.add_argument("what", choices=("methods", "tasks", "models", "corpora", "datasets"))
 
-    sy = sub.add_parser("sync", help="upload saved run folders to MLflow (e.g. after the server was down)",
-                        description="Log results saved by `tta-bench run` to MLflow; already logged ones are skipped.")
-    sy.add_argument("folders", nargs="+", type=Path, help="run folders (holding run.json), or folders of them")
-    _tracking_flags(sy)
 
+def _add_leaderboard(sub) -> None:
     lb = sub.add_parser("leaderboard", help="tables, tests and plots from the runs in MLflow",
                         description="Build leaderboard tables (Markdown, HTML, LaTeX, CSV) and plots from MLflow runs.")
     _tracking_flags(lb)
@@ -144,8 +139,8 @@ def build_parser() -> Parser:
                          "(per method family, the variant and lr with the highest mean Δacc on the validation "
                          "configurations, subset=val; scored on the test configurations, with the oracle's regret)")
     lb.add_argument("--lr", type=float, help="the learning rate for --select fixed")
-    lb.add_argument("--threshold", type=_optional(float), default=0.16,
-                    help="the threshold d of the tables (default 0.16; none: the runs without a gate)")
+    lb.add_argument("--threshold", type=_optional(float), default=default("threshold"), help="the threshold d "
+                    f"of the tables (default {default('threshold')}; none: the runs without a gate)")
     lb.add_argument("--reference", help="method compared with every other (default ifo, where it has runs)")
     lb.add_argument("--task", action="append", help="only these tasks (repeatable; default all)")
     lb.add_argument("--site", type=Path, help="folder of the static site (index.html, a page per task; "
@@ -155,6 +150,9 @@ def build_parser() -> Parser:
                          "of run folders (tta-bench run --out: run.json, summary.csv), to include; "
                          "the store is read too only with --tracking-uri or $MLFLOW_TRACKING_URI; where both "
                          "hold a run of one configuration, method, lr and threshold, the latest counts")
+
+
+def _add_sweep(sub) -> None:
     sw = sub.add_parser("sweep", help="run a grid of jobs from a TOML spec (idempotent, resumable)",
                         description="Expand a sweep spec into jobs and run those without a finished MLflow run. "
                                     "Ctrl-C or SIGTERM checkpoints the running jobs (exit 130); interrupted jobs "
@@ -176,7 +174,13 @@ def build_parser() -> Parser:
     sw.add_argument("--checkpoint-every", type=int, default=200, help="samples between checkpoints (default 200; and at most 60 s between them)")
     sw.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     sw.add_argument("--experiment", help="MLflow experiment (default: the spec's experiment, else its name)")
-    return parser
+
+
+def _setting_flag(p: argparse.ArgumentParser | argparse._MutuallyExclusiveGroup, name: str, s: Setting) -> None:
+    """The `tta-bench run` flag of a run setting, from its one declaration in core.settings."""
+    kind = _floats if name == "lr" else s.type if s.choices or not s.nullable else _optional(s.type)
+    shown = "" if s.unset is None else f" (default {s.default})"
+    p.add_argument(f"--{name.replace('_', '-')}", type=kind, choices=s.choices, default=s.unset, help=s.help + shown)
 
 
 def _tracking_flags(p: argparse.ArgumentParser) -> None:
@@ -193,9 +197,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     task_opts = {k[5:]: v for k, v in vars(args).items() if k.startswith("task_") and v is not None}
     task = get_task(args.task, **task_opts)
     lrs = LR_GRIDS[args.lr_grid] if args.lr_grid else (args.lr or [method.default_lr])
-    protocol = Protocol(lrs=tuple(lrs), threshold=None if args.gate == "none" else args.threshold,
-                        steps=args.steps, clip=args.clip, optimizer=args.optimizer or method.default_optimizer,
-                        momentum=args.momentum, weight_decay=args.weight_decay)
+    given = {k: getattr(args, k) for k, s in SETTINGS.items() if s.kind == "protocol" and k not in ("lr", "lr_grid")}
+    protocol = Protocol(lrs=tuple(lrs), **given | {"threshold": None if args.gate == "none" else args.threshold,
+                                                   "optimizer": args.optimizer or method.default_optimizer})
     out = args.out or default_out(task, method)
     with _only_run_in(out):
         return _run_in(out, args, task, method, protocol)
@@ -203,8 +207,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run_in(out: Path, args: argparse.Namespace, task, method, protocol: Protocol) -> int:
     ckpt = _checkpoint_in(out, args.resume, args.overwrite, args.out is not None)
-    options = RunOptions(limit=args.limit, max_uncertain=args.max_uncertain, batch_size=args.batch_size,
-                         seed=args.seed, device=args.device, tf32=args.tf32,
+    options = RunOptions(**{k: getattr(args, k) for k, s in SETTINGS.items() if s.kind == "scan"}, tf32=args.tf32,
                          progress=not args.no_progress, out=out, track=not args.no_tracking,
                          adapt_block=args.adapt_block, autocast=args.autocast,
                          max_memory=int(args.max_memory * 2**30) if args.max_memory else None,
@@ -368,7 +371,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from tta_bench.reporting.leaderboard import Selection, build
+    from tta_bench.reporting.leaderboard import build
+    from tta_bench.reporting.selection import Selection
 
     if (args.select == "fixed") != (args.lr is not None):
         raise TTAError("--select fixed needs --lr VALUE, and --lr is only used with --select fixed")
@@ -394,7 +398,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from tta_bench.sweeps.executor import finished, prepare, read_status, run_local, run_submitit
+    from tta_bench.sweeps.executor import run_sweep
     from tta_bench.sweeps.spec import jobs_from_spec, load_spec
 
     for flag, value, least in (("--workers", args.workers, 1), ("--threads-per-worker", args.threads_per_worker, 1),
@@ -415,35 +419,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     state = args.state or Path("sweeps-state") / spec["name"]
     _check_writable(state, "--state")
     experiment = args.experiment or spec.get("experiment") or spec["name"]
+    submitit = {"cluster": None if args.cluster == "auto" else args.cluster, "timeout_min": args.timeout_min,
+                "gpus_per_node": args.gpus_per_job, **({"slurm_partition": args.slurm_partition} if args.slurm_partition else {})}
     with sigterm_as_interrupt(once=True):  # SIGTERM (timeout, Slurm, docker stop) stops it like Ctrl-C
         try:
-            try:  # the store is created here, once, before any worker starts
-                tracker = Tracker(uri, experiment)
-            except TrackingUnavailable as err:
-                tracker = None
-                warnings.warn(f"{err}; jobs keep their results under {state}; re-run this command to upload them")
-            todo = [job for job in jobs if finished(job.key, tracker, read_status(state / "jobs" / job.key)) is None]
-            print(f"{len(jobs)} jobs: {len(jobs) - len(todo)} already finished, {len(todo)} to run")
-            try:
-                folders = prepare(state, todo, spec["name"])
-            except OSError as err:
-                raise TTAError(f"cannot write the sweep state under {state}: {err.strerror}; pass --state DIR") from None
-            labels = {folder: job.label for folder, job in zip(folders, todo, strict=True)}
-
-            def report(folder: Path, status: dict) -> None:
-                extra = "; ".join(x for x in (status.get("resumed_from"), status.get("error")) if x)
-                print(f"{status['status']:9} {labels[folder]}  {extra}", flush=True)
-
-            if args.executor == "submitit":
-                params = {"timeout_min": args.timeout_min, "gpus_per_node": args.gpus_per_job}
-                if args.slurm_partition:
-                    params["slurm_partition"] = args.slurm_partition
-                statuses = run_submitit(folders, state / "submitit", uri, experiment, args.checkpoint_every,
-                                        cluster=None if args.cluster == "auto" else args.cluster, report=report,
-                                        **params)
-            else:
-                statuses = run_local(folders, args.workers, uri, experiment, args.checkpoint_every, report=report,
-                                     threads=args.threads_per_worker)
+            statuses = run_sweep(jobs, spec["name"], state, uri, experiment, args.checkpoint_every, args.executor,
+                                 args.workers, args.threads_per_worker, submitit, lambda line: print(line, flush=True))
         except KeyboardInterrupt as err:  # the executors stop their jobs first (SweepInterrupted says how)
             print(f"tta-bench: interrupted: {err or '0 jobs checkpointed'}; re-run the same command to resume",
                   file=sys.stderr)

@@ -11,11 +11,12 @@ from torch import Tensor, nn
 
 from tta_bench.core.errors import TTAError
 from tta_bench.core.hparams import HParam, resolve
+from tta_bench.core.settings import SETTINGS
 
 if TYPE_CHECKING:
     from tta_bench.core.protocol import Protocol
-    from tta_bench.engine.adapt import Updater
     from tta_bench.core.task import Task
+    from tta_bench.engine.adapt import Updater
 
 ClassLogits = Callable[[nn.Module, Any], Tensor]  # (model, inputs) -> [B, C] class logits
 
@@ -99,7 +100,7 @@ class Step:
 
     @property
     def data_space(self) -> Any:
-        """The task's data space (e.g. tasks.dataspace.DataSpace), for methods that select from it."""
+        """The task's data space (e.g. tta_bench.data.dataspace.DataSpace), for methods that select from it."""
         if self._data_space is None:
             raise TTAError("this method selects data from a data space, and the task provides none")
         return self._data_space
@@ -127,7 +128,7 @@ class Method:
     description: ClassVar[str] = ""
     hparams: ClassVar[dict[str, HParam]] = {}
     default_lr: ClassVar[float] = 1e-3
-    default_optimizer: ClassVar[str] = "sgd"  # when the run names none
+    default_optimizer: ClassVar[str] = SETTINGS["optimizer"].default  # when the run names none
     task_kinds: ClassVar[frozenset[str]] = frozenset({"image", "text", "mc"})
     # Hyperparameters that change which samples are scored (PASLE's `gate`): variants that differ
     # in them are different methods on the leaderboard, not settings to tune (held-out selection).

@@ -1,4 +1,4 @@
-"""The single-sample-reset protocol's settings (DESIGN §2): what is the same for every method and
+"""The single-sample-reset protocol's settings (docs/DESIGN.md §2): what is the same for every method and
 recorded with each run."""
 from __future__ import annotations
 
@@ -10,13 +10,12 @@ import torch
 from torch import nn
 
 from tta_bench.core.errors import TTAError
+from tta_bench.core.settings import LR_GRIDS, OPTIMIZERS, PAPER_LR_GRID, default
+
+__all__ = ["LR_GRIDS", "OPTIMIZERS", "PAPER_LR_GRID", "Protocol"]
 
 if TYPE_CHECKING:
     from tta_bench.core.method import Method
-
-PAPER_LR_GRID: tuple[float, ...] = tuple(5e-6 * 2**j for j in range(19))  # Listing 1
-LR_GRIDS = {"paper": PAPER_LR_GRID, "llm": PAPER_LR_GRID[9:14]}  # llm: 2.56e-3 … 4.10e-2
-OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass(frozen=True)
@@ -24,12 +23,12 @@ class Protocol:
     """Everything about adaptation that is the same for every method; recorded with each run."""
 
     lrs: tuple[float, ...]
-    threshold: float | None = 0.16  # None: adapt and score every sample
-    steps: int = 1
-    clip: float | None = 1.0  # max gradient norm; None: no clipping
-    optimizer: str = "sgd"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
+    threshold: float | None = default("threshold")  # None: adapt and score every sample
+    steps: int = default("steps")
+    clip: float | None = default("clip")  # max gradient norm; None: no clipping
+    optimizer: str = default("optimizer")
+    momentum: float = default("momentum")
+    weight_decay: float = default("weight_decay")
 
     def __post_init__(self) -> None:
         if not self.lrs:

@@ -1,4 +1,4 @@
-"""Significance tests for TTA comparisons (DESIGN §5), following Demšar (JMLR 2006).
+"""Significance tests for TTA comparisons (docs/DESIGN.md §5), following Demšar (JMLR 2006).
 
 Per configuration: exact McNemar on paired per-sample correctness. Across configurations, one
 method vs the source model: sign test, t-test, Wilcoxon signed-rank, BCa bootstrap CI of the mean

@@ -83,7 +83,7 @@ class Task:
         return self.class_logits(model, inputs)[0], {}
 
     def data_space(self) -> Any:
-        """What methods that fine-tune on selected data choose from (text: tasks.dataspace.DataSpace),
+        """What methods that fine-tune on selected data choose from (text: tta_bench.data.dataspace.DataSpace),
         built on first use after the model is loaded; None if the task has none."""
         return None
 

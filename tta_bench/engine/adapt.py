@@ -1,4 +1,4 @@
-"""The single-sample-reset protocol (DESIGN §2): one place owns reset, gating, optimizer,
+"""The single-sample-reset protocol (docs/DESIGN.md §2): one place owns reset, gating, optimizer,
 clipping, prediction, timing and recording for every method."""
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from tta_bench.core.errors import TTAError
 from tta_bench.core.method import Augment, ClassLogits, Method, Source, Step
-from tta_bench.core.protocol import PAPER_LR_GRID, Protocol
+from tta_bench.core.protocol import Protocol
+from tta_bench.core.settings import default
 
 # (model, inputs of one sample) -> its class logits [C] and the task's per-sample metrics
 # (the runner binds Task.evaluate to the sample being adapted)
@@ -290,9 +291,10 @@ class AdaptResult:
     nonfinite: bool = False
 
 
-def adapt(model: nn.Module, inputs: Any, method: Method | str, *, threshold: float | None = 0.16,
-          steps: int = 1, clip: float | None = 1.0, lr: float | None = None, optimizer: str = "sgd",
-          momentum: float = 0.0, weight_decay: float = 0.0, augment: Augment | None = None) -> AdaptResult:
+def adapt(model: nn.Module, inputs: Any, method: Method | str, *, threshold: float | None = default("threshold"),
+          steps: int = default("steps"), clip: float | None = default("clip"), lr: float | None = None,
+          optimizer: str = default("optimizer"), momentum: float = default("momentum"),
+          weight_decay: float = default("weight_decay"), augment: Augment | None = None) -> AdaptResult:
     """Apply the protocol to one sample: gate, adapt, predict, reset (model bit-identical after).
 
     `model(inputs)` must return logits of shape [1, C]; the model runs in eval mode.

@@ -1,23 +1,25 @@
-"""Per-sample adaptation of a block of samples at once, for accelerators (DESIGN §6).
+"""Per-sample adaptation of a block of samples at once, for accelerators (docs/DESIGN.md §6).
 
 Per-sample gradients at θ0 come from `torch.func` (vmap over grad through functional_call), are
 clipped per sample like `clip_grad_norm_`, and the adapted forward of every sample at every
 learning rate runs as one vmapped call on θ0 − η·g_b. The maths is that of the one-gradient sweep
 for each sample alone (one SGD step, no momentum or weight decay); only floating-point summation
 order differs. On CPUs it is slower than one sample at a time (measured 0.3–0.6× on 11–16M-
-parameter models), so the runner uses it on CUDA only, unless asked (`adapt_block`)."""
+parameter models), so runs use it on CUDA only, unless asked (`adapt_block`): the whole policy is `BlockPolicy`."""
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from tta_bench.core.protocol import Protocol
-from tta_bench.engine.adapt import Adaptation
-from tta_bench.core.errors import TTAError
+from tta_bench.core.errors import TTAError, first_line
 from tta_bench.core.method import ClassLogits, Method, Step
+from tta_bench.core.protocol import Protocol
+from tta_bench.core.task import Task
+from tta_bench.engine.adapt import Adaptation
 
 CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
 
@@ -148,3 +150,86 @@ class BlockSizer:
             return ""
         return (f"; sized from a first block of {PROBE_BLOCK}: {self.per_sample / 2**20:.1f} MiB per sample, "
                 f"budget {self.budget / 2**30:.1f} GiB")
+
+
+def why_no_blocks(method: Method, protocol: Protocol, task: Task) -> str | None:
+    """Why a run of `method` on `task` cannot adapt in blocks (None: it can)."""
+    if task.kind != "image":
+        return f"blocks need tensor inputs of one shape (image tasks), not {task.kind} tasks"
+    if task.metrics:
+        return f"blocks do not compute the per-sample metrics of task {task.name} ({', '.join(task.metrics)})"
+    return supports_blocks(method, protocol)
+
+
+def adapt_in_blocks(blocks: BlockAdapter, inputs: Tensor, size: int, sizer: BlockSizer | None = None
+                    ) -> tuple[list[Adaptation], int, int]:
+    """Adapt `inputs` in blocks of `size`; a block that runs out of memory is halved and retried,
+    down to one sample. A sizer that has not measured yet measures the first block and sets the
+    size of the rest. Returns the adaptations, the block size that fitted and the halvings."""
+    results: list[Adaptation] = []
+    halvings = 0
+    while len(results) < len(inputs):
+        start, out_of_memory = len(results), False
+        try:
+            if sizer is not None and sizer.per_sample is None:
+                done, size = sizer.measure(blocks.adapt, inputs[start:start + size])
+                results += done
+            else:
+                results += blocks.adapt(inputs[start:start + size])
+        except torch.OutOfMemoryError:
+            if size == 1:
+                raise TTAError("out of memory adapting a single sample; free GPU memory, use a smaller "
+                               "model, --autocast bf16 or --device cpu") from None
+            out_of_memory = True
+        if out_of_memory:  # outside the handler, so the failed block's tensors are freed first
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            size, halvings = max(1, size // 2), halvings + 1
+            warnings.warn(f"out of memory in a block; retrying it in blocks of {size}")
+    return results, size, halvings
+
+
+class BlockPolicy:
+    """How a run adapts its uncertain samples: one at a time, or in blocks (vmap). By default in
+    blocks on CUDA (faster there), sized from measured memory, and one at a time on CPU (faster
+    there); `adapt_block` fixes the block (1: one at a time). A block that runs out of memory is
+    halved; an op vmap cannot batch makes the rest of the run adapt one at a time. An explicit
+    adapt_block > 1 that cannot work is refused by the runner before any work (`why_no_blocks`)."""
+
+    def __init__(self, adapts: bool, model: nn.Module, method: Method, task: Task, protocol: Protocol,
+                 param_names: list[str], device: torch.device, adapt_block: int | None, max_memory: int | None):
+        self.size, self.blocks, self.sizer = 1, None, None
+        self.fallback = ""  # why blocks were given up, if they were
+        self.halvings = 0  # after out-of-memory errors
+        want = adapt_block
+        if adapts and want is None and device.type == "cuda" and not why_no_blocks(method, protocol, task):
+            want, self.sizer = PROBE_BLOCK, BlockSizer(device, max_memory)
+        if adapts and want is not None and want > 1:
+            self.size = want
+            self.blocks = BlockAdapter(model, method, task.class_logits, protocol, param_names)
+        self.first = self.size
+
+    def adapt(self, inputs: list[Tensor]) -> list[Adaptation] | None:
+        """The adaptations of the samples' `inputs` (each a batch of one), or None: adapt them one at a time."""
+        if self.blocks is None:
+            return None
+        try:
+            results, self.size, halved = adapt_in_blocks(self.blocks, torch.cat(inputs), self.size, self.sizer)
+        except RuntimeError as err:  # an op vmap cannot batch: this model adapts one at a time
+            self.fallback = first_line(err, 200)
+            warnings.warn(f"adapting in blocks failed ({self.fallback}); adapting one sample at a time")
+            self.blocks, self.size = None, 1
+            return None
+        self.halvings += halved
+        return results
+
+    def record(self) -> dict:
+        """How the run adapted, for its configuration."""
+        how = (f"blocks of {self.size} (torch.func.vmap{self.sizer.describe() if self.sizer else ''})" if self.blocks
+               else f"one sample at a time (blocks failed: {self.fallback})" if self.fallback
+               else "one sample at a time")
+        if self.halvings:
+            start = self.sizer.block() if self.sizer and self.sizer.per_sample else self.first
+            how += f", halved from {start} after {self.halvings} out-of-memory error(s)"
+        return {"adaptation": how, "out_of_memory_halvings": self.halvings,
+                "block_memory": self.sizer.record() if self.sizer else None}

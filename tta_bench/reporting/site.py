@@ -8,9 +8,12 @@ import base64
 import re
 from html import escape
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tta_bench.reporting.leaderboard import TaskReport
 from tta_bench.reporting.tables import CHOSEN, Table
+
+if TYPE_CHECKING:
+    from tta_bench.reporting.report import TaskReport
 
 TITLES = {"headline": "Headline", "selection": "Held-out selection, oracle and regret",
           "configurations": "Per configuration", "learning_rates": "Methods × learning rates",

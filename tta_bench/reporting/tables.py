@@ -1,4 +1,4 @@
-"""The leaderboard's tables (DESIGN §5), built from the runs at each method's chosen learning
+"""The leaderboard's tables (docs/DESIGN.md §5), built from the runs at each method's chosen learning
 rate: the headline, every statistic per method, methods × configurations / learning rates /
 task options, thresholds and the Friedman ranks; each written as CSV (raw numbers), Markdown,
 HTML and LaTeX."""

@@ -40,15 +40,19 @@ def git_commit() -> str | None:
 
 
 def source_sha256(folders: Iterable[Path] | None = None) -> str:
-    """sha256 of the code that runs: every .py file of tta_bench, its methods and its tasks (package
-    and file name, then content). Identifies the code where there is no git commit (an installed
+    """sha256 of the code that runs: every .py file of tta_bench (its subpackages too), its methods
+    and its tasks (package and path, then content). Identifies the code where there is no git commit (an installed
     wheel, a copy on a cluster node); the same for a checkout and the wheel built from it."""
     if folders is None:
         return _installed_source_sha256()
     digest = hashlib.sha256()
+    folders = [Path(f) for f in folders]
     for folder in folders:
-        for path in sorted(Path(folder).glob("*.py")):
-            digest.update(f"{Path(folder).name}/{path.name}\0".encode())
+        for path in sorted(folder.rglob("*.py")):
+            if any(other != folder and other.is_relative_to(folder) and path.is_relative_to(other)
+                   for other in folders):  # a wheel's tta_bench/methods: hashed as methods, not twice
+                continue
+            digest.update(f"{folder.name}/{path.relative_to(folder).as_posix()}\0".encode())
             digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()
 

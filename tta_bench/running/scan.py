@@ -1,7 +1,6 @@
 """Run one configuration (task × method × protocol) over a task's samples."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -23,16 +22,18 @@ import torch
 from tabulate import tabulate
 from tqdm.auto import tqdm
 
+from tta_bench.core.errors import TTAError, first_line
+from tta_bench.core.hashing import json_sha256
+from tta_bench.core.method import Method
+from tta_bench.core.protocol import Protocol
+from tta_bench.core.settings import default
+from tta_bench.core.task import Sample, Task, UnreadableSample, select, to_device
+from tta_bench.engine.adapt import Adaptation, Adapter
+from tta_bench.engine.blocks import BlockPolicy, why_no_blocks
+from tta_bench.running.provenance import environment
+from tta_bench.running.summary import summarize
 from tta_bench.storage import checkpoint
 from tta_bench.storage.checkpoint import write_atomically
-from tta_bench.engine.blocks import PROBE_BLOCK, BlockAdapter, BlockSizer, supports_blocks
-from tta_bench.core.protocol import Protocol
-from tta_bench.engine.adapt import Adaptation, Adapter
-from tta_bench.core.errors import TTAError
-from tta_bench.running.summary import summarize
-from tta_bench.core.method import Method
-from tta_bench.running.provenance import environment
-from tta_bench.core.task import Sample, Task, UnreadableSample, select, to_device
 from tta_bench.storage.tracking import DEFAULT_EXPERIMENT, Tracker, TrackingUnavailable, resolve_uri, sync_hint
 
 # Measured (EfficientNet-Lite0, 224 px, 1 thread): per-sample forward 16 ms at batch 1, 29 ms at 16,
@@ -69,8 +70,7 @@ class RunResult:
     @property
     def key(self) -> str:
         """Content hash: the same results give the same key, in memory or reloaded from disk."""
-        text = json.dumps(self.record(), sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:20]
+        return json_sha256(self.record())[:20]
 
     def save(self, out: Path) -> None:
         """samples.parquet (per-sample rows), summary.csv and run.json (config + provenance), each
@@ -87,7 +87,7 @@ class RunResult:
     def load(cls, out: Path) -> RunResult:
         """A result saved by `save` (e.g. to upload it to MLflow later); a TTAError naming the
         folder and what is wrong if it holds none."""
-        from tta_bench.storage.tracking import _first_line, run_params, run_tags
+        from tta_bench.storage.tracking import run_params, run_tags
 
         fix = "pass a folder written by tta-bench run (or re-run it)"
         path = out / "run.json"
@@ -98,7 +98,7 @@ class RunResult:
         except FileNotFoundError:
             raise TTAError(f"{out}: {path.name} is missing; {fix}") from None
         except (OSError, ValueError) as err:  # unreadable, not JSON, not parquet
-            why = getattr(err, "strerror", None) or _first_line(err)
+            why = getattr(err, "strerror", None) or first_line(err)
             raise TTAError(f"{out}: {path.name} cannot be read ({why}); {fix}") from None
         fields = {"summary": list, "config": dict, "metadata": dict, "interrupted": bool}
         if wrong := [k for k, kind in fields.items()
@@ -136,11 +136,11 @@ def _rows_disagree(rows: pd.DataFrame, summary: list) -> str | None:
 class RunOptions:
     """How the samples are scanned (not part of the protocol's maths)."""
 
-    limit: int | None = None  # first N samples of the task
-    max_uncertain: int | None = None  # stop after this many uncertain samples
-    batch_size: int | None = None  # of the source forward and gate; None: per device (BATCH_SIZE)
-    seed: int = 0
-    device: str = "auto"
+    limit: int | None = default("limit")  # first N samples of the task
+    max_uncertain: int | None = default("max_uncertain")  # stop after this many uncertain samples
+    batch_size: int | None = default("batch_size")  # of the source forward and gate; None: per device (BATCH_SIZE)
+    seed: int = default("seed")
+    device: str = default("device")
     tf32: bool = False  # TF32 convolutions/matmuls on CUDA: faster, but ~1e-3 relative error
     progress: bool = True
     out: Path | None = None  # save the results here (also where they go if tracking fails)
@@ -249,7 +249,7 @@ OLDER_ROWS = {"select_seconds": 0.0}  # older versions chose no data to step on
 
 
 class Recorder:
-    """Per-sample rows (DESIGN §2 step 6), one per learning rate, kept as columns; with the task's
+    """Per-sample rows (docs/DESIGN.md §2 step 6), one per learning rate, kept as columns; with the task's
     per-sample `metrics` (text: bpb), `<name>_source` at θ0 and `<name>` after adaptation."""
 
     def __init__(self, lrs: tuple[float, ...], metrics: tuple[str, ...] = ()):
@@ -330,7 +330,7 @@ def autocast(dtype: str | None, device: torch.device) -> AbstractContextManager:
 
 
 def run(task: Task, method: Method, protocol: Protocol, options: RunOptions | None = None) -> RunResult:
-    """Apply the protocol to every sample of `task` (DESIGN §2), summarise per learning rate,
+    """Apply the protocol to every sample of `task` (docs/DESIGN.md §2), summarise per learning rate,
     save to `options.out` and log to MLflow.
 
     Ctrl-C stops the scan; the result then holds every sample finished so far (`interrupted`).
@@ -346,7 +346,7 @@ def run(task: Task, method: Method, protocol: Protocol, options: RunOptions | No
     if options.autocast and device.type != "cuda":
         raise TTAError("bf16 autocast is a CUDA option; on CPU runs are full fp32 (drop --autocast)")
     if options.adapt_block and options.adapt_block > 1 and method.adapts and (
-            reason := _why_no_blocks(method, protocol, task)):
+            reason := why_no_blocks(method, protocol, task)):
         raise TTAError(f"adapt_block={options.adapt_block}: {reason}; use 1")
     tracker, out = None, options.out
     if options.track:  # the store is created before any work
@@ -418,206 +418,162 @@ def default_out(task: Task, method: Method) -> Path:
 
 
 def _run(task: Task, method: Method, protocol: Protocol, options: RunOptions, device: torch.device) -> RunResult:
-    random.seed(options.seed)
-    np.random.seed(options.seed)
-    torch.manual_seed(options.seed)
-    settings = _checkpoint_settings(task, method, protocol, options) if options.checkpoint else {}
-    options = replace(options, batch_size=options.batch_size or BATCH_SIZE.get(device.type, 1))
-    model = task.load_model().to(device).eval()
-    bound = _Evaluate(task) if task.metrics else None  # the prediction forward gives the metrics too
-    space = task.data_space() if method.selects else None  # built (or loaded) once, before the scan
-    adapter = Adapter(model, method, task.class_logits, protocol, task.augmenter(), bound,
-                      data_space=space) if method.adapts else None
-    block, blocks, sizer = _block_adapter(adapter, model, method, task, protocol, options, device)
-    recorder = Recorder(protocol.lrs, task.metrics)
-    threshold = method.gate_threshold(protocol.threshold)
-    done = checkpoint.load(options.checkpoint, settings, len(protocol.lrs)) if options.checkpoint else None
-    if done is not None:
-        recorder.extend(done.rows)
-        if adapter is not None and done.memory is not None:  # float64 in JSON: float32 values exactly
-            adapter.memory = torch.tensor(done.memory, dtype=_float_dtype(model), device=device)
-    n_seen, n_uncertain = (done.n_seen, done.n_uncertain) if done else (0, 0)
-    skipped: list[dict] = list(done.skipped) if done else []  # unreadable samples passed over
-    # a resumed run's earlier attempts may have run elsewhere (another device, commit, machine)
-    earlier, env, first_seen = (list(done.attempts) if done else []), environment(device), n_seen
-    prior_wall, last_saved, saved_at = (done.wall if done else 0.0), n_seen, perf_counter()
-    total = task.num_samples()
-    if options.limit is not None:
-        total = min(total, options.limit) if total is not None else options.limit
-    bar = tqdm(total=total, initial=n_seen, unit="sample", disable=not options.progress, dynamic_ncols=True)
-    finished = options.max_uncertain is not None and n_uncertain >= options.max_uncertain
-    stream = islice(task.samples(), n_seen, options.limit) if not finished else iter(())
-    scored = source_pass(task, model, stream, options.batch_size, device, options.skip_unreadable)
-    start, interrupted, stopped_by = perf_counter(), False, None
-    pending: list[tuple[Scored, bool]] = []  # scanned, waiting for their block to be adapted
-    unwritable: list[str] = []  # checkpoint writes that failed
-    fallback = ""  # why blocks were given up, if they were
-    first_block, halvings = block, 0  # blocks halve after an out-of-memory error
+    return Scan(task, method, protocol, options, device).run()
 
-    def adapt_pending() -> None:
+
+class Scan:
+    """One run's pass over a task's samples: the source forward and gate in batches, the uncertain
+    samples adapted (one at a time or in blocks), every sample recorded, progress checkpointed.
+    Its state is the run's: what was seen, recorded and saved so far, resumed from a checkpoint."""
+
+    def __init__(self, task: Task, method: Method, protocol: Protocol, options: RunOptions, device: torch.device):
+        random.seed(options.seed)
+        np.random.seed(options.seed)
+        torch.manual_seed(options.seed)
+        self.task, self.method, self.protocol, self.device = task, method, protocol, device
+        self.settings = _checkpoint_settings(task, method, protocol, options) if options.checkpoint else {}
+        self.options = options = replace(options, batch_size=options.batch_size or BATCH_SIZE.get(device.type, 1))
+        self.model = model = task.load_model().to(device).eval()
+        self.bound = _Evaluate(task) if task.metrics else None  # the prediction forward gives the metrics too
+        space = task.data_space() if method.selects else None  # built (or loaded) once, before the scan
+        self.adapter = Adapter(model, method, task.class_logits, protocol, task.augmenter(), self.bound,
+                               data_space=space) if method.adapts else None
+        self.blocks = BlockPolicy(self.adapter is not None, model, method, task, protocol,
+                                  self.adapter.param_names if self.adapter else [], device, options.adapt_block,
+                                  options.max_memory)
+        self.recorder = Recorder(protocol.lrs, task.metrics)
+        self.done = done = checkpoint.load(options.checkpoint, self.settings, len(protocol.lrs)) \
+            if options.checkpoint else None
+        if done is not None:
+            self.recorder.extend(done.rows)
+            if self.adapter is not None and done.memory is not None:  # float64 in JSON: float32 values exactly
+                self.adapter.memory = torch.tensor(done.memory, dtype=_float_dtype(model), device=device)
+        self.n_seen, self.n_uncertain = (done.n_seen, done.n_uncertain) if done else (0, 0)
+        self.skipped: list[dict] = list(done.skipped) if done else []  # unreadable samples passed over
+        # a resumed run's earlier attempts may have run elsewhere (another device, commit, machine)
+        self.earlier, self.env, self.first_seen = (list(done.attempts) if done else []), environment(device), self.n_seen
+        self.prior_wall = done.wall if done else 0.0
+        self.pending: list[tuple[Scored, bool]] = []  # scanned, waiting for their block to be adapted
+        self.unwritable: list[str] = []  # checkpoint writes that failed
+        self.start = perf_counter()
+
+    def run(self) -> RunResult:
+        task, method, protocol, options = self.task, self.method, self.protocol, self.options
+        total = task.num_samples()
+        if options.limit is not None:
+            total = min(total, options.limit) if total is not None else options.limit
+        self.bar = tqdm(total=total, initial=self.n_seen, unit="sample", disable=not options.progress,
+                        dynamic_ncols=True)
+        finished = options.max_uncertain is not None and self.n_uncertain >= options.max_uncertain
+        stream = islice(task.samples(), self.n_seen, options.limit) if not finished else iter(())
+        scored = source_pass(task, self.model, stream, options.batch_size, self.device, options.skip_unreadable)
+        self.start, interrupted, stopped_by = perf_counter(), False, None
+        last_saved, saved_at = self.n_seen, perf_counter()
+        try:
+            with self.adapter if self.adapter is not None else nullcontext():
+                if self.adapter is not None:  # at θ0, once per run (EATA's Fisher information)
+                    method.prepare(self.model, lambda x: task.class_logits(self.model, x),
+                                   dict(zip(self.adapter.param_names, self.adapter.params)), protocol,
+                                   _reference(task, self.device))
+                queued = self.n_uncertain  # uncertain samples scanned so far (recorded or pending)
+                for s in scored:
+                    uncertain = s.unreadable is None and method.uncertain(s.delta, s.spread, protocol.threshold)
+                    self.pending.append((s, uncertain))
+                    queued += uncertain
+                    if queued - self.n_uncertain >= self.blocks.size:
+                        self.adapt_pending()
+                    if options.checkpoint and self.n_seen > last_saved and (
+                            last_saved == self.first_seen  # the first block: a kill loses at most one interval
+                            or self.n_seen - last_saved >= options.checkpoint_every
+                            or perf_counter() - saved_at >= options.checkpoint_seconds):
+                        self.save_progress()
+                        last_saved, saved_at = self.n_seen, perf_counter()
+                    if options.max_uncertain is not None and queued >= options.max_uncertain:
+                        break
+                self.adapt_pending()
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see signals.py): keep what finished
+            interrupted = True
+        except TTAError as err:  # the data failed mid-scan: keep what finished, then say why
+            interrupted, stopped_by = True, str(err)
+        finally:
+            self.bar.close()
+        if options.checkpoint and self.n_seen > last_saved:
+            self.save_progress()
+        return self.result(interrupted, stopped_by)
+
+    def adapt_pending(self) -> None:
         """Adapt the pending uncertain samples (one at a time, or as one block); record all."""
-        nonlocal n_seen, n_uncertain, blocks, block, fallback, halvings
-        gated = [s for s, uncertain in pending if uncertain]
+        task, adapter = self.task, self.adapter
+        gated = [s for s, uncertain in self.pending if uncertain]
         t0 = perf_counter()
         sources = {}  # the task's metrics at θ0, for every method (`none` too)
         with torch.no_grad():
             for s in gated if task.metrics else ():
-                sources[s.sample.index] = task.evaluate(model, s.inputs, s.sample)[1]
+                sources[s.sample.index] = task.evaluate(self.model, s.inputs, s.sample)[1]
         results = []
-        if adapter is not None and gated and blocks is not None:
-            try:
-                results, block, halved = adapt_in_blocks(blocks, torch.cat([s.inputs for s in gated]), block, sizer)
-                halvings += halved
-            except RuntimeError as err:  # an op vmap cannot batch: this model adapts one at a time
-                fallback = str(err).strip().splitlines()[0][:200]
-                warnings.warn(f"adapting in blocks failed ({fallback}); adapting one sample at a time")
-                blocks, block = None, 1
-        if adapter is not None and gated and blocks is None:
-            for s in gated:
-                if bound is not None:
-                    bound.sample = s.sample
-                results.append(adapter.adapt(s.inputs, s.sample.index))
+        if adapter is not None and gated:
+            results = self.blocks.adapt([s.inputs for s in gated])
+            if results is None:
+                results = []
+                for s in gated:
+                    if self.bound is not None:
+                        self.bound.sample = s.sample
+                    results.append(adapter.adapt(s.inputs, s.sample.index))
         share = (perf_counter() - t0) / max(1, len(gated))
         it = iter(results)
-        for s, uncertain in pending:
-            n_seen += 1
+        for s, uncertain in self.pending:
+            self.n_seen += 1
             if s.unreadable is not None:
-                skipped.append(s.unreadable)
+                self.skipped.append(s.unreadable)
                 continue
             a = next(it) if uncertain and adapter else None
-            recorder.add(s, uncertain, a, s.seconds + (share if uncertain else 0.0), sources.get(s.sample.index))
-            n_uncertain += uncertain
-        bar.update(len(pending))
-        bar.set_postfix(uncertain=n_uncertain, refresh=False)
-        pending.clear()
+            self.recorder.add(s, uncertain, a, s.seconds + (share if uncertain else 0.0), sources.get(s.sample.index))
+            self.n_uncertain += uncertain
+        self.bar.update(len(self.pending))
+        self.bar.set_postfix(uncertain=self.n_uncertain, refresh=False)
+        self.pending.clear()
 
-    def save_progress() -> None:
-        seconds = perf_counter() - start  # this attempt's
-        attempt = {"from_sample": first_seen, "to_sample": n_seen, "seconds": seconds, **env}
+    def save_progress(self) -> None:
+        seconds = perf_counter() - self.start  # this attempt's
+        attempt = {"from_sample": self.first_seen, "to_sample": self.n_seen, "seconds": seconds, **self.env}
+        adapter = self.adapter
         memory = adapter.memory.double().tolist() if adapter is not None and adapter.memory is not None else None
-        progress = checkpoint.Progress(recorder.frame(), n_seen, n_uncertain, prior_wall + seconds, skipped,
-                                       earlier + [attempt], memory)
+        progress = checkpoint.Progress(self.recorder.frame(), self.n_seen, self.n_uncertain,
+                                       self.prior_wall + seconds, self.skipped, self.earlier + [attempt], memory)
         try:
-            checkpoint.save(options.checkpoint, progress, settings)
+            checkpoint.save(self.options.checkpoint, progress, self.settings)
         except OSError as err:  # e.g. a full disk: the run goes on, its rows in memory
-            if not unwritable:
-                warnings.warn(f"could not write checkpoint {options.checkpoint} ({err.strerror or err}); the run "
-                              f"goes on, its rows kept in memory until it ends")
-            unwritable.append(str(err))
+            if not self.unwritable:
+                warnings.warn(f"could not write checkpoint {self.options.checkpoint} ({err.strerror or err}); the "
+                              f"run goes on, its rows kept in memory until it ends")
+            self.unwritable.append(str(err))
 
-    try:
-        with adapter if adapter is not None else nullcontext():
-            if adapter is not None:  # at θ0, once per run (EATA's Fisher information)
-                method.prepare(model, lambda x: task.class_logits(model, x),
-                               dict(zip(adapter.param_names, adapter.params)), protocol, _reference(task, device))
-            queued = n_uncertain  # uncertain samples scanned so far (recorded or pending)
-            for s in scored:
-                uncertain = s.unreadable is None and method.uncertain(s.delta, s.spread, protocol.threshold)
-                pending.append((s, uncertain))
-                queued += uncertain
-                if queued - n_uncertain >= block:
-                    adapt_pending()
-                if options.checkpoint and n_seen > last_saved and (
-                        last_saved == first_seen  # the first block: a kill loses at most one interval
-                        or n_seen - last_saved >= options.checkpoint_every
-                        or perf_counter() - saved_at >= options.checkpoint_seconds):
-                    save_progress()
-                    last_saved, saved_at = n_seen, perf_counter()
-                if options.max_uncertain is not None and queued >= options.max_uncertain:
-                    break
-            adapt_pending()
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see signals.py): keep what finished
-        interrupted = True
-    except TTAError as err:  # the data failed mid-scan: keep what finished, then say why
-        interrupted, stopped_by = True, str(err)
-    finally:
-        bar.close()
-    if options.checkpoint and n_seen > last_saved:
-        save_progress()
-    wall = prior_wall + perf_counter() - start
-    if n_seen == 0 and stopped_by:
-        raise TTAError(stopped_by)
-    if n_seen == 0 and not interrupted:
-        raise TTAError(f"task {task.name} yielded no samples; check its data options")
-    rows = recorder.frame()
-    if rows.empty and not interrupted:
-        if options.checkpoint:
-            options.checkpoint.unlink(missing_ok=True)  # it holds no row to resume
-        raise TTAError(f"none of the {n_seen} samples of task {task.name} could be read (each was skipped as "
-                       f"unreadable): nothing to score, nothing saved; check the data")
-    config = {
-        "task": task.name, "task_options": task.config, "method": method.name,
-        "hparams": method.config, "resolved": method.resolved, "protocol": asdict(protocol),
-        "options": asdict(options),
-        "sweep": "one-gradient" if (adapter.one_gradient if adapter else protocol.one_gradient) else "per-lr",
-        "gate_threshold": threshold,
-        "adaptation": (f"blocks of {block} (torch.func.vmap{sizer.describe() if sizer else ''})" if blocks else
-                       f"one sample at a time (blocks failed: {fallback})" if fallback else "one sample at a time")
-                      + (f", halved from {sizer.block() if sizer and sizer.per_sample else first_block} after "
-                         f"{halvings} out-of-memory error(s)" if halvings else ""),
-        "out_of_memory_halvings": halvings,
-        "block_memory": sizer.record() if sizer else None,
-        "adapted_parameters": sum(p.numel() for p in adapter.params) if adapter else 0,
-        "adapted_parameter_names": _names(adapter, model),
-    }
-    metadata = {**env, "task": task.metadata(), "resumed_from_sample": done.n_seen if done else 0,
-                "earlier_attempts": earlier, "skipped_unreadable": skipped, "stopped_by": stopped_by}
-    return RunResult(rows, summarize(rows, wall, task.metrics) if len(rows) else [], config, metadata, interrupted)
-
-
-def adapt_in_blocks(blocks: BlockAdapter, inputs: torch.Tensor, size: int, sizer: BlockSizer | None = None
-                    ) -> tuple[list[Adaptation], int, int]:
-    """Adapt `inputs` in blocks of `size`; a block that runs out of memory is halved and retried,
-    down to one sample. A sizer that has not measured yet measures the first block and sets the
-    size of the rest. Returns the adaptations, the block size that fitted and the halvings."""
-    results: list[Adaptation] = []
-    halvings = 0
-    while len(results) < len(inputs):
-        start, out_of_memory = len(results), False
-        try:
-            if sizer is not None and sizer.per_sample is None:
-                done, size = sizer.measure(blocks.adapt, inputs[start:start + size])
-                results += done
-            else:
-                results += blocks.adapt(inputs[start:start + size])
-        except torch.OutOfMemoryError:
-            if size == 1:
-                raise TTAError("out of memory adapting a single sample; free GPU memory, use a smaller "
-                               "model, --autocast bf16 or --device cpu") from None
-            out_of_memory = True
-        if out_of_memory:  # outside the handler, so the failed block's tensors are freed first
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            size, halvings = max(1, size // 2), halvings + 1
-            warnings.warn(f"out of memory in a block; retrying it in blocks of {size}")
-    return results, size, halvings
-
-
-def _block_adapter(adapter: Adapter | None, model: torch.nn.Module, method: Method, task: Task,
-                   protocol: Protocol, options: RunOptions, device: torch.device
-                   ) -> tuple[int, BlockAdapter | None, BlockSizer | None]:
-    """Samples adapted at once, the block adapter when that is more than one, and the sizer that
-    sets the block from measured memory (CUDA, no --adapt-block). By default blocks on CUDA
-    (faster there), one at a time on CPU (faster there). An explicit adapt_block > 1 that cannot
-    work was refused by `run` before any work."""
-    if adapter is None:
-        return 1, None, None
-    want, sizer = options.adapt_block, None
-    if want is None:
-        if device.type != "cuda" or _why_no_blocks(method, protocol, task):
-            return 1, None, None
-        want, sizer = PROBE_BLOCK, BlockSizer(device, options.max_memory)
-    if want <= 1:
-        return 1, None, None
-    return want, BlockAdapter(model, method, task.class_logits, protocol, adapter.param_names), sizer
-
-
-def _why_no_blocks(method: Method, protocol: Protocol, task: Task) -> str | None:
-    if task.kind != "image":
-        return f"blocks need tensor inputs of one shape (image tasks), not {task.kind} tasks"
-    if task.metrics:
-        return f"blocks do not compute the per-sample metrics of task {task.name} ({', '.join(task.metrics)})"
-    return supports_blocks(method, protocol)
+    def result(self, interrupted: bool, stopped_by: str | None) -> RunResult:
+        task, method, protocol, options, adapter = self.task, self.method, self.protocol, self.options, self.adapter
+        wall = self.prior_wall + perf_counter() - self.start
+        if self.n_seen == 0 and stopped_by:
+            raise TTAError(stopped_by)
+        if self.n_seen == 0 and not interrupted:
+            raise TTAError(f"task {task.name} yielded no samples; check its data options")
+        rows = self.recorder.frame()
+        if rows.empty and not interrupted:
+            if options.checkpoint:
+                options.checkpoint.unlink(missing_ok=True)  # it holds no row to resume
+            raise TTAError(f"none of the {self.n_seen} samples of task {task.name} could be read (each was skipped "
+                           f"as unreadable): nothing to score, nothing saved; check the data")
+        config = {
+            "task": task.name, "task_options": task.config, "method": method.name,
+            "hparams": method.config, "resolved": method.resolved, "protocol": asdict(protocol),
+            "options": asdict(options),
+            "sweep": "one-gradient" if (adapter.one_gradient if adapter else protocol.one_gradient) else "per-lr",
+            "gate_threshold": method.gate_threshold(protocol.threshold),
+            **self.blocks.record(),
+            "adapted_parameters": sum(p.numel() for p in adapter.params) if adapter else 0,
+            "adapted_parameter_names": _names(adapter, self.model),
+        }
+        metadata = {**self.env, "task": task.metadata(), "resumed_from_sample": self.done.n_seen if self.done else 0,
+                    "earlier_attempts": self.earlier, "skipped_unreadable": self.skipped, "stopped_by": stopped_by}
+        return RunResult(rows, summarize(rows, wall, task.metrics) if len(rows) else [], config, metadata, interrupted)
 
 
 class _Evaluate:

@@ -1,4 +1,4 @@
-"""Per-configuration metrics (DESIGN §2) from the per-sample rows."""
+"""Per-configuration metrics (docs/DESIGN.md §2) from the per-sample rows."""
 from __future__ import annotations
 
 import math

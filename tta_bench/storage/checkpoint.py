@@ -3,7 +3,6 @@ it stopped instead of starting over (a reader sees the previous file or the next
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tta_bench.core.errors import TTAError
+from tta_bench.core.hashing import json_sha256
 
 META = b"tta_bench"
 FILE = "checkpoint.parquet"  # its name in a run's or a sweep job's folder
@@ -59,7 +59,7 @@ def _flat(settings: object, prefix: str = "") -> dict[str, str]:
 
 
 def fingerprint(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    return json_sha256(settings)
 
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:

@@ -1,4 +1,4 @@
-"""MLflow tracking (DESIGN §5): one MLflow run per (configuration, method, hyperparameters,
+"""MLflow tracking (docs/DESIGN.md §5): one MLflow run per (configuration, method, hyperparameters,
 learning rate) with params, metrics, provenance tags and its per-sample rows as a parquet
 artifact. A learning-rate sweep is a parent run with one child run per learning rate."""
 from __future__ import annotations
@@ -15,7 +15,8 @@ from urllib.parse import urlparse
 
 import pandas as pd
 
-from tta_bench.core.errors import TTAError
+from tta_bench.core.errors import TTAError, first_line
+from tta_bench.core.settings import PROTOCOL_DEFAULTS
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -29,17 +30,11 @@ SWEEP = "tta_bench.sweep"
 METHOD = "tta_bench.method"  # method + non-default hyperparameters and protocol, e.g. ifo(weighted=False)
 # Fail within seconds on an unreachable server instead of MLflow's default minutes of retries.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
-PROTOCOL_DEFAULTS = {"steps": 1, "clip": 1.0, "optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0}
 BATCH = 100  # MLflow's log_batch limit on params and tags per call
 
 
 class TrackingUnavailable(Exception):
     """The tracking store cannot be reached or written; the message says why."""
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:160]
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -87,7 +82,7 @@ def check_uri(uri: str | None) -> str:
         else:
             problem = "it names port 0" if parsed.port == 0 else ""  # .port raises for a bad port
     except Exception as err:  # a bad port or an unparsable database URL
-        problem = _first_line(err)
+        problem = first_line(err)
     if problem:
         source = "--tracking-uri" if uri is not None else "MLFLOW_TRACKING_URI"
         raise TTAError(f"tracking URI {resolved!r} ({source}) is not valid: {problem}; accepted: {URI_FORMS}")
@@ -130,7 +125,7 @@ class Tracker:
             self.client = open_client(self.uri)
             self.experiment_id = self._experiment_id(experiment)
         except Exception as err:  # MLflow, requests and SQLAlchemy raise many types
-            raise TrackingUnavailable(f"MLflow tracking at {self.uri} is unavailable: {_first_line(err)}") from None
+            raise TrackingUnavailable(f"MLflow tracking at {self.uri} is unavailable: {first_line(err)}") from None
 
     def _experiment_id(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
@@ -148,7 +143,7 @@ class Tracker:
         try:
             runs = self.client.search_runs([self.experiment_id], f"tags.`{tag}` = '{value}'", max_results=1000)
         except Exception as err:  # MLflow, requests and SQLAlchemy raise many types
-            raise TrackingUnavailable(f"searching MLflow at {self.uri} failed: {_first_line(err)}") from None
+            raise TrackingUnavailable(f"searching MLflow at {self.uri} failed: {first_line(err)}") from None
         return [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
 
     def find(self, key: str) -> str | None:
@@ -170,7 +165,7 @@ class Tracker:
         except TrackingUnavailable:
             raise
         except Exception as err:
-            raise TrackingUnavailable(f"logging to MLflow at {self.uri} failed: {_first_line(err)}") from None
+            raise TrackingUnavailable(f"logging to MLflow at {self.uri} failed: {first_line(err)}") from None
 
     def _log(self, result: Any, extra: dict[str, str]) -> str:
         key = result.key

@@ -30,13 +30,14 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tta_bench.storage.checkpoint import FILE, lock, try_lock, write_atomically
 from tta_bench.core.errors import TTAError
+from tta_bench.storage.checkpoint import FILE, lock, try_lock, write_atomically
 from tta_bench.storage.signals import die_with_parent, shielded, sigterm_as_interrupt
 from tta_bench.sweeps.spec import Job
 
@@ -137,8 +138,8 @@ def _run_job(folder: Path, uri: str | None, experiment: str, threads: int | None
     import torch
 
     from tta_bench.running.scan import RunOptions, run
-    from tta_bench.sweeps.spec import run_parts
     from tta_bench.storage.tracking import JOB, SWEEP, Tracker, TrackingUnavailable
+    from tta_bench.sweeps.spec import run_parts
 
     job = json.loads((folder / "job.json").read_text())
     key, config = job["key"], job["config"]
@@ -318,6 +319,39 @@ def run_submitit(folders: list[Path], logs: Path, tracking_uri: str | None, expe
         raise SweepInterrupted(f"{len(left)} submitted job{'s' * (len(left) != 1)} cancelled, "
                                f"each checkpointing as it stops") from None
     return statuses
+
+
+def run_sweep(jobs: list[Job], sweep: str, state: Path, tracking_uri: str | None, experiment: str,
+              checkpoint_every: int, executor: str = "local", workers: int = 1, threads: int | None = None,
+              submitit: dict | None = None, report: Callable[[str], None] = print) -> dict[Path, dict]:
+    """Run the jobs that have no finished run (in the store or under `state`) with the executor
+    ("local" worker processes, or "submitit" with `submitit`'s cluster and parameters); their
+    statuses by job folder. Ctrl-C or SIGTERM stops them (KeyboardInterrupt, after checkpointing)."""
+    from tta_bench.storage.tracking import Tracker, TrackingUnavailable
+    try:  # the store is created here, once, before any worker starts
+        tracker = Tracker(tracking_uri, experiment)
+    except TrackingUnavailable as err:
+        tracker = None
+        warnings.warn(f"{err}; jobs keep their results under {state}; re-run this command to upload them")
+    todo = [job for job in jobs if finished(job.key, tracker, read_status(state / "jobs" / job.key)) is None]
+    report(f"{len(jobs)} jobs: {len(jobs) - len(todo)} already finished, {len(todo)} to run")
+    try:
+        folders = prepare(state, todo, sweep)
+    except OSError as err:
+        raise TTAError(f"cannot write the sweep state under {state}: {err.strerror}; pass --state DIR") from None
+    labels = {folder: job.label for folder, job in zip(folders, todo, strict=True)}
+
+    def job_report(folder: Path, status: dict) -> None:
+        extra = "; ".join(x for x in (status.get("resumed_from"), status.get("error")) if x)
+        report(f"{status['status']:9} {labels[folder]}  {extra}")
+
+    if executor == "submitit":
+        options = dict(submitit or {})
+        cluster = options.pop("cluster", None)
+        return run_submitit(folders, state / "submitit", tracking_uri, experiment, checkpoint_every,
+                            cluster=cluster, report=job_report, **options)
+    return run_local(folders, workers, tracking_uri, experiment, checkpoint_every, report=job_report,
+                     threads=threads)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,36 +20,29 @@ resumable (per-sample rows are checkpointed as it goes).
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import sys
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from tta_bench.core.protocol import LR_GRIDS, Protocol
+import tomllib
+
 from tta_bench.core.errors import TTAError
-from tta_bench.core.hparams import HParam
+from tta_bench.core.hashing import json_sha256
+from tta_bench.core.protocol import Protocol
 from tta_bench.core.registry import get_method, get_task
+from tta_bench.core.settings import LR_GRIDS, SETTINGS
 from tta_bench.running.scan import RunOptions, parse_device
 
-# Settings of a run (not task options or method hyperparameters): their types and defaults. Values
+# The spec's keys besides task options and hyperparameters: the run settings (core.settings). Values
 # are converted here and range-checked by Protocol and RunOptions, as for `tta-bench run`.
-RUN_SETTINGS: dict[str, HParam] = {
-    "lr": HParam(None, float), "lr_grid": HParam(None, str, choices=tuple(LR_GRIDS)),
-    "threshold": HParam(0.16, float, nullable=True), "seed": HParam(0, int), "steps": HParam(1, int),
-    "clip": HParam(1.0, float, nullable=True), "optimizer": HParam(None, str, nullable=True),
-    "momentum": HParam(0.0, float), "weight_decay": HParam(0.0, float),
-    "limit": HParam(None, int, nullable=True), "max_uncertain": HParam(None, int, nullable=True),
-    "batch_size": HParam(None, int, nullable=True), "device": HParam("auto", str),
-}
+RUN_SETTINGS = SETTINGS
 LIST_VALUED = {"lr"}  # a flat list is one value (the lrs of one job); a list of lists crosses
 TOP_ONLY = {"name", "experiment", "tasks", "methods", "pair"}
 SCALARS = {float: (int, float, str), int: (int, float, str), str: (str,)}  # TOML types each accepts
-PROTOCOL_KEYS = {"lr"} | {f.name for f in fields(Protocol)} - {"lrs"}
-OPTION_KEYS = {f.name for f in fields(RunOptions)} & set(RUN_SETTINGS)
+PROTOCOL_KEYS = {k for k, s in SETTINGS.items() if s.kind == "protocol"} - {"lr_grid"}
+OPTION_KEYS = {k for k, s in SETTINGS.items() if s.kind == "scan"}
 
 
 @dataclass
@@ -73,8 +66,7 @@ class Job:
 def job_key(config: dict) -> str:
     """Stable across runs and machines: the resolved configuration and the package version."""
     from tta_bench import __version__
-    text = json.dumps({"config": config, "version": __version__}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return json_sha256({"config": config, "version": __version__})[:16]
 
 
 def expand(values: dict[str, Any], pairs: list[list[str]] | None = None) -> list[dict[str, Any]]:
@@ -146,7 +138,7 @@ def _jobs(spec: dict) -> tuple[list[Job], list[str]]:
         except TTAError as err:
             notes.append(f"left out: {err}")
             continue
-        settings = {k: s.default for k, s in RUN_SETTINGS.items()} | top
+        settings = {k: s.unset for k, s in RUN_SETTINGS.items()} | top
         for block in (t, m):
             settings.update({k: v for k, v in block.items() if k in RUN_SETTINGS})
         for run in expand(settings, spec.get("pair")):
@@ -156,7 +148,7 @@ def _jobs(spec: dict) -> tuple[list[Job], list[str]]:
                    [method.default_lr] if run["lr"] is None else run["lr"])
             run["optimizer"] = run["optimizer"] or method.default_optimizer
             protocol = Protocol(lrs=tuple(lrs), **{f.name: run[f.name] for f in fields(Protocol) if f.name != "lrs"})
-            options = {k: run[k] for k in ("limit", "max_uncertain", "seed", "batch_size", "device")}
+            options = {k: run[k] for k in OPTION_KEYS}
             config = {
                 "task": task.name, "task_options": task.config, "method": method.name, "hparams": method.config,
                 "protocol": {**asdict(protocol), "lrs": list(protocol.lrs)}, "options": options,

@@ -6,9 +6,9 @@ Accuracy: batched no-grad forwards (--batch, default 8) over the first --images 
 (10,000 = the whole test set; any multiple of 10 is class-balanced). Speed: collate + forward +
 class logits + softmax, timed after a warm-up, on --threads CPU threads (default 1).
 
-    python benchmarks/zoo.py                       # all models, 10,000 images, then speed
-    python benchmarks/zoo.py --images 2000 --models efficientnet-lite1 --json zoo.json
-    python benchmarks/zoo.py --skip-accuracy       # speed only (run it on a quiet machine)
+    python -m benchmarks.zoo_accuracy_speed                  # all models, 10,000 images, then speed
+    python -m benchmarks.zoo_accuracy_speed --images 2000 --models efficientnet-lite1 --json zoo.json
+    python -m benchmarks.zoo_accuracy_speed --skip-accuracy  # speed only (run it on a quiet machine)
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from itertools import islice
 
 import torch
 from tabulate import tabulate
+from tta_bench.tasks import zoo
 
 import tta_bench
-from tta_bench.tasks import zoo
 
 
 def source_pass(task, model, raws):

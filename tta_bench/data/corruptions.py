@@ -5,7 +5,7 @@ A reimplementation of the official generators `make_cifar_c.py` (32 px) and `mak
 same per-channel means, blur border modes, colour conversions, OpenCV calls, the final float ->
 uint8 truncation of `np.uint8(...)`, and the same draws from NumPy's legacy RandomState. Run on
 the same libraries, `corrupt(image, name, s, seed)` is byte-identical to the official function
-run after `np.random.seed(seed)` (benchmarks/corruption_fidelity.py measures it). The official
+run after `np.random.seed(seed)` (`python -m benchmarks.corruption_fidelity` measures it). The official
 script draws from an unseeded global RNG, so the released CIFAR-10-C files themselves cannot be
 reproduced bit for bit by anyone; here the RNG is local and seeded by the sample index, so every
 run sees the same corrupted image.
@@ -30,6 +30,8 @@ from PIL import Image
 from torch import Tensor
 
 from tta_bench.core.errors import TTAError
+
+from .cache import cache_root
 
 STANDARD = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
             "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
@@ -571,8 +573,6 @@ def _library_versions() -> str:
 
 
 def _cache_dir() -> Path:
-    from .lm import cache_root
-
     return cache_root() / "corruptions"
 
 
