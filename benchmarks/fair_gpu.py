@@ -147,7 +147,7 @@ def complete_view(runs: Path, view: Path, published: Path) -> list[str]:
 
     table = pd.read_csv(published, dtype=str)
     at_d = table[(pd.to_numeric(table["threshold"]) == 0.16) & (table["option.subset"] != "val")]
-    known = set(table["method"])
+    known = set(at_d["method"])  # the variants the table ranks (not those with validation runs only)
     scored = set.intersection(*(set(g) for _, g in at_d.groupby("method")["configuration"]))  # where all ran
     shutil.rmtree(view, ignore_errors=True)
     view.mkdir(parents=True)

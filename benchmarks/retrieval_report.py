@@ -7,7 +7,10 @@ the shared gate (the windows with Δ1,2 < d: under the per-sample reset, exactly
     python -m benchmarks.retrieval_report --experiment tta-bench-retrieval [--tracking-uri URI] [--d 0.16]
 
 --save FILE.parquet keeps the per-window rows the report reads (small: commit them under
-benchmarks/results/), and --rows FILE.parquet makes the report from them, without the store.
+benchmarks/results/), and --rows FILE.parquet makes the report from them, without the store;
+--folders DIR... reads run folders (`tta-bench run --out`, finished or stopped early) instead,
+naming each retrieval run by its N (e.g. `sift N=50`). --paired A B adds B − A per corpus: the
+difference of their bpb changes on the same windows, with a paired bootstrap 90 % CI.
 """
 from __future__ import annotations
 
@@ -43,6 +46,44 @@ def rows_of(uri: str, experiment: str) -> pd.DataFrame:
                                       data_space=json.dumps(meta["task"].get("data_space") if meta else None),
                                       device=window_devices(rows["index"], meta)))
     return pd.concat(frames, ignore_index=True)
+
+
+def rows_of_folders(folders: list[Path]) -> pd.DataFrame:
+    """The per-window rows of run folders (run.json and samples.parquet, one lr each)."""
+    frames = []
+    for folder in folders:
+        record = json.loads((folder / "run.json").read_text())
+        config, meta = record["config"], record["metadata"]
+        rows = pd.read_parquet(folder / "samples.parquet")
+        n = config["hparams"].get("n_select")
+        frames.append(rows.assign(corpus=config["task_options"]["corpus"],
+                                  method=config["method"] + (f" N={n}" if n is not None else ""),
+                                  data_space=json.dumps(meta["task"].get("data_space")),
+                                  device=window_devices(rows["index"], meta)))
+    return pd.concat(frames, ignore_index=True)
+
+
+def paired(rows: pd.DataFrame, a: str, b: str, gated: bool, d: float) -> list[list]:
+    """Per corpus, B's bpb change minus A's (percentage points) on the windows both scored, with a
+    paired bootstrap 90 % interval (the same resampled windows for both)."""
+    out, rng = [], np.random.default_rng(0)
+    for corpus, g in rows.groupby("corpus", sort=True):
+        g = g[g["delta"] < d] if gated else g
+        ga, gb = (g[g["method"] == m].set_index("index") for m in (a, b))
+        shared = ga.index.intersection(gb.index)
+        ga, gb = ga.loc[shared], gb.loc[shared]
+        ok = np.isfinite(ga["bpb"]) & np.isfinite(gb["bpb"]) & np.isfinite(ga["bpb_source"])
+        before, after_a, after_b = (x[ok].to_numpy() for x in (ga["bpb_source"], ga["bpb"], gb["bpb"]))
+        if len(before) < 2:
+            continue
+        diff = 100 * (after_b.mean() - after_a.mean()) / before.mean()
+        idx = rng.integers(0, len(before), size=(1000, len(before)))
+        boot = 100 * (after_b[idx].mean(1) - after_a[idx].mean(1)) / before[idx].mean(1)
+        lo, hi = np.percentile(boot, [5, 95])
+        wins = int((after_b < after_a).sum())
+        out.append([corpus, f"{b} − {a}", len(before), f"{diff:+.2f} [{lo:+.2f}, {hi:+.2f}]",
+                    f"{wins} / {int((after_b > after_a).sum())}"])
+    return out
 
 
 def _metadata(client, run_id: str, tmp: str) -> dict | None:
@@ -115,9 +156,13 @@ def main() -> None:
                         help="each method on all its windows (default: only the windows every method of the corpus scored)")
     parser.add_argument("--save", type=Path, help="write the per-window rows read from the store to this parquet file")
     parser.add_argument("--rows", type=Path, help="report from a --save file instead of the store")
+    parser.add_argument("--folders", type=Path, nargs="+", help="report from run folders instead of the store")
+    parser.add_argument("--paired", nargs=2, action="append", default=[], metavar=("A", "B"),
+                        help="also B − A on the same windows (repeatable), e.g. --paired 'nn N=50' 'sift N=50'")
     args = parser.parse_args()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    rows = pd.read_parquet(args.rows) if args.rows else rows_of(args.tracking_uri, args.experiment)
+    rows = (pd.read_parquet(args.rows) if args.rows else rows_of_folders(args.folders) if args.folders
+            else rows_of(args.tracking_uri, args.experiment))
     if "device" not in rows:  # saved before devices were recorded
         rows["device"] = "unrecorded"
     if args.save:
@@ -132,6 +177,11 @@ def main() -> None:
     for gated in (False, True):
         print(f"\n### {'shared gate, Δ1,2 < ' + str(args.d) if gated else 'every window (gate none)'}\n")
         print(tabulate(table(rows, gated, args.d), headers=headers, tablefmt="github"))
+        if args.paired:
+            print()
+            print(tabulate([r for a, b in args.paired for r in paired(rows, a, b, gated, args.d)],
+                           headers=["corpus", "difference", "windows", "bpb change, pp [90 % CI]",
+                                    "windows lower / higher"], tablefmt="github"))
 
 
 if __name__ == "__main__":

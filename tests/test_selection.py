@@ -294,6 +294,8 @@ def test_a_new_variant_is_scored_only_on_every_configuration_the_published_table
                               "method": ["ifo", "ifo", "tent", "ifo"], "threshold": ["0.16"] * 4,
                               "option.subset": ["test", "test", "test", "val"]})
     published.loc[len(published)] = ["cifar10(corruption=fog)", "tent", "0.16", "test"]
+    # a variant whose validation runs the table shows (its held-out choice) is not yet ranked
+    published.loc[len(published)] = ["cifar10(corruption=fog, subset=val)", "eata", "0.16", "val"]
     published.to_csv(tmp_path / "runs.csv", index=False)  # scored: fog only (tent lacks snow, ifo frost)
     run("a", "ifo", "snow")
     run("b", "deyo", "fog")
