@@ -51,7 +51,7 @@ def rows_of(uri: str, experiment: str) -> pd.DataFrame:
 def rows_of_folders(folders: list[Path]) -> pd.DataFrame:
     """The per-window rows of run folders (run.json and samples.parquet, one lr each)."""
     frames = []
-    for folder in folders:
+    for folder in (f for f in folders if (f / "run.json").is_file() and (f / "samples.parquet").is_file()):
         record = json.loads((folder / "run.json").read_text())
         config, meta = record["config"], record["metadata"]
         rows = pd.read_parquet(folder / "samples.parquet")
