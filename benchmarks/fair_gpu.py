@@ -76,11 +76,14 @@ def run_configuration(jobs: list[tuple[str, dict]], runs: str, deadline: float, 
     return outcomes
 
 
-def pack(runs: Path, out: Path, skip: set[str] = frozenset()) -> None:
+def pack(runs: Path, out: Path, skip: set[str] = frozenset(), new_only: bool = False) -> None:
     """OUT/runs.tgz and OUT/rows.parquet of the finished runs in `runs`, but those named in `skip`
-    (e.g. the runs of an earlier pack) and those without their samples (unpacked from a pack)."""
+    (e.g. the runs of an earlier pack) and those without their samples (unpacked from a pack);
+    new_only: also those already committed in benchmarks/results/fair-*-runs.tgz (`committed`)."""
     import pandas as pd
 
+    if new_only:
+        skip = set(skip) | committed(runs)
     out.mkdir(parents=True, exist_ok=True)
     frames = []
     with tarfile.open(out / "runs.tgz", "w:gz") as tar:
@@ -93,6 +96,20 @@ def pack(runs: Path, out: Path, skip: set[str] = frozenset()) -> None:
     if frames:
         pd.concat(frames, ignore_index=True).to_parquet(out / "rows.parquet", index=False, compression="zstd")
     print(f"packed {len(frames)} runs into {out}")
+
+
+def committed(runs: Path, results: Path = Path("benchmarks/results")) -> set[str]:
+    """The run folders of `runs` whose run.json is, byte for byte, in a committed pack (a job rerun
+    since, e.g. a superseded one, is not)."""
+    found = set()
+    for tgz in sorted(results.glob("fair-*-runs.tgz")):
+        with tarfile.open(tgz) as tar:
+            for member in tar.getmembers():
+                key, _, name = member.name.partition("/")
+                local = runs / key / "run.json"
+                if name == "run.json" and local.is_file() and tar.extractfile(member).read() == local.read_bytes():
+                    found.add(key)
+    return found
 
 
 def unpack_committed(runs: Path, results: Path = Path("benchmarks/results")) -> None:
@@ -129,14 +146,16 @@ def set_aside_superseded(runs: Path) -> None:
                 shutil.move(str(record.parent), str(aside))
 
 
-def complete_view(runs: Path, view: Path, published: Path) -> list[str]:
+def complete_view(runs: Path, view: Path, published: Path, specs: list[Path] = ()) -> list[str]:
     """Fill `view` with links to the run folders of `runs` that a leaderboard can score together
     with the published one (`published`: its runs table): every run of the method variants it
     ranks, every validation run (the held-out choice sees every candidate), and the test runs of
     each new variant that has one on every test configuration the table scores (a variant missing
     some would take those configurations out of every method's score; if it is its family's
-    held-out choice, the family waits, named in the leaderboard's notes). Returns the new variants
-    whose test runs are left out, with their counts."""
+    held-out choice, the family waits, named in the leaderboard's notes). With `specs`, only runs
+    that are jobs of these sweep specs (a configuration a spec no longer has is superseded).
+    Returns what is left out: the new variants whose test runs wait, with their counts, and the
+    number of superseded runs."""
     import json
     import shutil
     from collections import defaultdict
@@ -144,6 +163,9 @@ def complete_view(runs: Path, view: Path, published: Path) -> list[str]:
     import pandas as pd
 
     from tta_bench.storage.tracking import configuration_label, method_label
+    from tta_bench.sweeps.spec import jobs_from_spec, load_spec
+
+    jobs = {j.key for spec in specs for j in jobs_from_spec(load_spec(spec))[0]} if specs else None
 
     table = pd.read_csv(published, dtype=str)
     at_d = table[(pd.to_numeric(table["threshold"]) == 0.16) & (table["option.subset"] != "val")]
@@ -152,7 +174,11 @@ def complete_view(runs: Path, view: Path, published: Path) -> list[str]:
     shutil.rmtree(view, ignore_errors=True)
     view.mkdir(parents=True)
     new: dict[str, dict[str, Path]] = defaultdict(dict)  # variant -> configuration -> folder
+    superseded = 0
     for record in sorted(runs.glob("*/run.json")):
+        if jobs is not None and record.parent.name not in jobs:
+            superseded += 1
+            continue
         config = json.loads(record.read_text())["config"]
         variant = method_label(config)
         if config["task"] != "cifar10" or variant in known or config["task_options"].get("subset") == "val":
@@ -166,7 +192,7 @@ def complete_view(runs: Path, view: Path, published: Path) -> list[str]:
                 (view / folder.name).symlink_to(folder.resolve())
         else:
             left_out.append(f"{variant} (test runs on {len(set(configs) & scored)} of {len(scored)})")
-    return left_out
+    return left_out + ([f"{superseded} run(s) that are no job of {', '.join(map(str, specs))}"] if superseded else [])
 
 
 def _config_key(job) -> str:

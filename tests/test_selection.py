@@ -13,7 +13,7 @@ from tta_bench.core.errors import TTAError
 from tta_bench.reporting.leaderboard import build
 from tta_bench.reporting.runs import families
 from tta_bench.reporting.selection import Selection
-from tta_bench.reporting.tables import HEADLINE_P, NOOP, NOOP_EVERYWHERE
+from tta_bench.reporting.tables import BASE_MODEL, FIXED, HEADLINE_P, NOOP, NOOP_EVERYWHERE
 
 CORRUPTIONS = ("fog", "frost", "glass", "snow")
 TEST = [f"toy(corruption={c})" for c in CORRUPTIONS]
@@ -245,6 +245,35 @@ def test_a_family_without_a_candidate_on_every_validation_configuration_is_left_
     assert "tent" not in set(read(out, "headline")["method"]) | set(read(out, "selection")["family"])
 
 
+def test_a_family_with_one_setting_and_no_validation_runs_is_scored_as_not_tuned(tmp_path):
+    """Issue 29: retrieval methods at their paper's setting (one lr, no knob tuned) need no
+    validation runs; a family with two settings and none is still left out (nothing to choose on)."""
+    rows = planted() + grid("nn", 5e-5, [2.0, 2.0, 3.0, 3.0]) + grid("sift", 5e-5, [1.0] * 4) + grid(
+        "sift", 1e-4, [9.0] * 4)
+    with pytest.warns(UserWarning, match="no \\(variant, lr\\) run on every validation configuration: sift"):
+        out = leaderboard(tmp_path, rows, "heldout")
+    head, view = read(out, "headline").set_index("method"), shown(out, "headline")
+    assert head.loc["nn", "mean Δacc"] == pytest.approx(2.5) and view.loc["nn", "lr"] == "5e-05 (not tuned)"
+    assert "sift" not in head.index
+    selection = shown(out, "selection")
+    assert selection.loc["nn", "validation mean Δacc (configs)"] == FIXED and selection.loc["nn", "regret"] == "+0.00"
+    assert "Not tuned (no validation runs; one setting, scored as run): nn." in (out / "toy" / "headline.md").read_text()
+    assert shown(out, "headline").loc["entropy", "lr"] == "0.01 (held-out)"  # the others are chosen as before
+
+
+def test_the_base_model_is_the_unranked_reference_row(tmp_path):
+    rows = planted() + grid("none", 1e-3, [0.0] * 4, changed=0)
+    out = leaderboard(tmp_path, rows, "heldout")
+    view = shown(out, "headline")
+    assert list(view.index) == ["ifo", "entropy", "none"]  # last, whatever its mean
+    assert view.loc["none", "rank"] == "–" and view.loc["none", "lr"] == "–"
+    assert view.loc["none", "mean Δacc [95% CI]"] == BASE_MODEL and view.loc["none", HEADLINE_P] == "–"
+    assert "none" not in set(read(out, "selection")["family"])
+    holm = stats.holm([stats.wilcoxon_greater(np.array(d)) for d in ([3.0, 4.0, 5.0, 6.0], [1.5] * 4)])
+    np.testing.assert_allclose(read(out, "methods").set_index("method").loc[["ifo", "entropy"], "p Wilcoxon (Holm)"],
+                               holm)
+
+
 def test_only_configurations_every_ranked_method_ran_on_are_scored(tmp_path):
     rows = planted() + grid("tent", 1e-4, [9.0, 9.0, 9.0, 9.0], [1.0, 1.0])
     rows = [r for r in rows if not (r["method"] == "tent" and r["configuration"] == TEST[0])]  # tent missed one
@@ -274,14 +303,10 @@ def test_a_new_variant_is_scored_only_on_every_configuration_the_published_table
     """benchmarks/fair_gpu.complete_view: a method variant the published table does not rank
     joins with its test runs only once they cover every configuration the table scores (fewer
     would take the others out of every method's score); its validation runs always count."""
-    import importlib.util
     import json
-    from pathlib import Path
 
     from tta_bench.storage.tracking import PROTOCOL_DEFAULTS
-    spec = importlib.util.spec_from_file_location("fair_gpu", Path(__file__).parent.parent / "benchmarks" / "fair_gpu.py")
-    fair_gpu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fair_gpu)
+    fair_gpu = load_fair_gpu()
 
     def run(key, method, corruption, subset="test", **hparams):
         folder = tmp_path / "runs" / key
@@ -306,3 +331,64 @@ def test_a_new_variant_is_scored_only_on_every_configuration_the_published_table
     left = fair_gpu.complete_view(tmp_path / "runs", tmp_path / "view", tmp_path / "runs.csv")
     assert left == ["eata (test runs on 0 of 1)"]
     assert sorted(p.name for p in (tmp_path / "view").iterdir()) == ["a", "b", "c", "d", "f"]
+
+
+def test_runs_that_are_no_job_of_the_published_specs_are_left_out(tmp_path):
+    """complete_view with specs: a configuration the specs no longer have (the text board's
+    all-document windows, superseded by the data-space split of issue 29) leaves the build."""
+    import json
+
+    from tta_bench.sweeps.spec import jobs_from_spec, load_spec
+    fair_gpu = load_fair_gpu()
+    toml = tmp_path / "spec.toml"
+    toml.write_text('name = "s"\n[[tasks]]\nname = "cifar10"\ncorruption = "fog"\nsubset = ["val", "test"]\n'
+                    '[[methods]]\nname = "ifo"\n')
+    jobs = jobs_from_spec(load_spec(toml))[0]
+    old = json.loads(json.dumps(jobs[0].config))
+    old["task_options"]["corruption"] = "snow"  # no longer a job of the spec
+    for key, config in [(j.key, j.config) for j in jobs] + [("old", old)]:
+        (tmp_path / "runs" / key).mkdir(parents=True)
+        (tmp_path / "runs" / key / "run.json").write_text(json.dumps({"config": config}))
+    pd.DataFrame({"configuration": ["cifar10(corruption=fog)"], "method": ["ifo"], "threshold": ["0.16"],
+                  "option.subset": ["test"]}).to_csv(tmp_path / "runs.csv", index=False)
+    left = fair_gpu.complete_view(tmp_path / "runs", tmp_path / "view", tmp_path / "runs.csv", [toml])
+    assert sorted(p.name for p in (tmp_path / "view").iterdir()) == sorted(j.key for j in jobs)
+    assert left == [f"1 run(s) that are no job of {toml}"]
+    fair_gpu.complete_view(tmp_path / "runs", tmp_path / "view", tmp_path / "runs.csv")  # no specs: every run
+    assert "old" in {p.name for p in (tmp_path / "view").iterdir()}
+
+
+def load_fair_gpu():
+    """benchmarks/fair_gpu.py, the sweep runner and packer of the published leaderboard."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("fair_gpu", Path(__file__).parent.parent / "benchmarks" / "fair_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pack_new_only_leaves_out_the_committed_runs_but_not_a_rerun(tmp_path):
+    import tarfile
+
+    fair_gpu = load_fair_gpu()
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    for key, text in (("a", "a1"), ("b", "b1"), ("c", "c2")):
+        (runs / key).mkdir(parents=True)
+        (runs / key / "run.json").write_text(text)
+        (runs / key / "summary.csv").write_text("lr\n0.1\n")
+        pd.DataFrame({"uncertain": [True, False], "index": [0, 1]}).to_parquet(runs / key / "samples.parquet")
+    (tmp_path / "old" / "a").mkdir(parents=True)
+    (tmp_path / "old" / "a" / "run.json").write_text("a1")
+    (tmp_path / "old" / "c").mkdir(parents=True)
+    (tmp_path / "old" / "c" / "run.json").write_text("c1")  # c was rerun since: not committed
+    results.mkdir()
+    with tarfile.open(results / "fair-old-runs.tgz", "w:gz") as tar:
+        tar.add(tmp_path / "old" / "a" / "run.json", "a/run.json")
+        tar.add(tmp_path / "old" / "c" / "run.json", "c/run.json")
+    assert fair_gpu.committed(runs, results) == {"a"}
+    fair_gpu.pack(runs, tmp_path / "pk", fair_gpu.committed(runs, results))
+    with tarfile.open(tmp_path / "pk" / "runs.tgz") as tar:
+        assert sorted(tar.getnames()) == ["b/run.json", "b/summary.csv", "c/run.json", "c/summary.csv"]
+    assert list(pd.read_parquet(tmp_path / "pk" / "rows.parquet")["job"]) == ["b", "c"]

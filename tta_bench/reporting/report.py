@@ -11,7 +11,9 @@ import pandas as pd
 from tta_bench.reporting.runs import FROM, split_validation
 from tta_bench.reporting.selection import Choice, Selection, _d, choose_heldout, incomplete_configurations
 from tta_bench.reporting.tables import (
+    BASE_MODEL,
     CHOSEN,
+    FIXED,
     HEADLINE_P,
     MIN_CI,
     OPTION,
@@ -89,7 +91,7 @@ def task_report(task: str, task_runs: pd.DataFrame, at_d: pd.DataFrame, choice: 
     n_configs = f"{task}: {main['configuration'].nunique()} configuration(s), d = {_d(threshold)}"
     head = f"{n_configs}; {selection.caption()}"
     noops = no_ops(at_lr, choice.noop_everywhere)
-    methods = method_table(at_lr, chosen, selection.label(), reference, noops)
+    methods = method_table(at_lr, chosen, selection.label(), reference, noops, choice.fixed)
     order = list(methods["method"])
     too_few = f" ({TOO_FEW_CI})" if (methods["configs"] < MIN_CI).any() else ""
     unit, named = sample_unit(task), validation_labels(task, split_validation(at_d)[1], choice.validation)
@@ -106,7 +108,11 @@ def task_report(task: str, task_runs: pd.DataFrame, at_d: pd.DataFrame, choice: 
            f"uncertain ones), mean over the configurations" if "Δacc all" in methods else "")
         + ("; s per scored sample: wall seconds per uncertain (scored) sample" if "s/sample" in methods else "")
         + (f". No-op (changed no prediction on any configuration; excluded from the Holm family): "
-           f"{', '.join(noops)}" if noops else "") + "."), view)}
+           f"{', '.join(no_op)}" if (no_op := [m for m, w in noops.items() if w != BASE_MODEL]) else "")
+        + (f". {', '.join(base)}: {BASE_MODEL}, not tested"
+           if (base := [m for m, w in noops.items() if w == BASE_MODEL]) else "")
+        + (f". Not tuned (no validation runs; one setting, scored as run): {', '.join(sorted(choice.fixed - set(base)))}"
+           if choice.fixed - set(base) else "") + "."), view)}
     if choice.families is not None:
         data, view = selection_table(choice.families, order)
         tables["selection"] = Table(data, (

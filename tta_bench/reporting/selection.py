@@ -11,7 +11,7 @@ import pandas as pd
 
 from tta_bench.core.errors import TTAError
 from tta_bench.reporting.runs import families, split_validation
-from tta_bench.reporting.tables import NOOP_EVERYWHERE, ORACLE, changed_predictions
+from tta_bench.reporting.tables import FIXED, NOOP_EVERYWHERE, ORACLE, changed_predictions, not_adapting
 
 HELDOUT_RULE = ("per method family (registry name and scoring hyperparameters), the (variant, lr) with the highest "
                 "mean Δacc over the validation configurations{}, among those run on every one (ties: the smallest "
@@ -93,6 +93,7 @@ class Choice:
     validation: list[str] = field(default_factory=list)  # the validation configurations (never scored)
     families: pd.DataFrame | None = None
     noop_everywhere: set[str] = field(default_factory=set)
+    fixed: set[str] = field(default_factory=set)  # held-out selection: variants with nothing to tune
 
 
 def choose(at_d: pd.DataFrame, selection: Selection) -> Choice:
@@ -110,7 +111,9 @@ def choose(at_d: pd.DataFrame, selection: Selection) -> Choice:
 def choose_heldout(test: pd.DataFrame, val: pd.DataFrame, validation: list[str]) -> Choice:
     """Per family, the (variant, lr) with the highest mean Δacc over the validation configurations
     among those run on every one (ties: smallest lr, then label), scored on the test runs; and the
-    oracle: the same candidates ranked on the test configurations, for the regret only."""
+    oracle: the same candidates ranked on the test configurations, for the regret only. A family
+    with no validation run and one (variant, lr) on the test configurations tunes nothing (the base
+    model `none`, a method run at its paper's setting): it is fixed in advance, scored as it is."""
     fam = families(pd.concat([test, val]))
     on_val, on_test = _per_variant(val), _per_variant(test)
     candidates = on_val[on_val["configs"] == len(validation)]
@@ -135,10 +138,29 @@ def choose_heldout(test: pd.DataFrame, val: pd.DataFrame, validation: list[str])
             if noop:
                 everywhere.add(variant)
     chosen_families = {r["family"] for r in rows}
+    fixed = _fixed(on_test, fam, chosen_families | {fam[m] for m in val["method"].unique()})
+    for family, (variant, lr) in fixed.items():
+        lrs[variant] = lr
+        test_mean = on_test.at[(variant, lr), "mean"]
+        rows.append({"family": family, "held-out variant": variant, "held-out lr": lr, "validation configs": 0,
+                     "validation mean Δacc": math.nan, "test configs": on_test.at[(variant, lr), "configs"],
+                     "test mean Δacc": test_mean, "oracle variant": variant, "oracle lr": lr,
+                     "oracle test mean Δacc": test_mean, "regret": 0.0, "note": FIXED})
+    chosen_families |= set(fixed)
+    base = not_adapting(test)  # the base model: a row in the headline, nothing chosen for the selection table
+    rows = [r for r in rows if r["held-out variant"] not in base]
     left = sorted({f for f in fam.values() if f not in chosen_families})
     left_out = ([f"no (variant, lr) run on every validation configuration: {', '.join(left)}"] if left else []) + (
         [f"held-out choice without test runs: {', '.join(no_test)}"] if no_test else [])
-    return Choice(lrs, left_out, validation, pd.DataFrame(rows), everywhere)
+    return Choice(lrs, left_out, validation, pd.DataFrame(rows), everywhere, {v for v, _ in fixed.values()})
+
+
+def _fixed(on_test: pd.DataFrame, fam: dict[str, str], tuned: set[str]) -> dict[str, tuple[str, float]]:
+    """family -> its one (variant, lr), for the families outside `tuned` (those with validation runs)
+    that have exactly one (variant, lr) with scored test runs."""
+    scored = on_test.dropna(subset=["mean"])
+    by_family = scored.groupby(scored.index.get_level_values("method").map(fam))
+    return {family: t.index[0] for family, t in by_family if family not in tuned and len(t) == 1}
 
 
 def incomplete_configurations(at_lr: pd.DataFrame, chosen: dict[str, float]) -> dict[str, str]:

@@ -28,6 +28,8 @@ WHOLE = {"source acc all (%)": "acc_source_all", "Δacc all": "delta_acc_all"}
 SECONDS = {"s/sample": "seconds_per_sample"}
 NOOP = "no-op: changed no prediction"
 NOOP_EVERYWHERE = "no-op at every setting tried"  # held-out selection: every candidate, on validation too
+FIXED = "not tuned"  # held-out selection: no validation runs and one (variant, lr): nothing to choose
+BASE_MODEL = "the base model, not adapted (the reference)"  # the method `none`, and any that does not adapt
 ORACLE = "best on test ⚠"
 MIN_CI = 5  # fewer configurations: a BCa bootstrap CI of the mean is degenerate; shown as –
 TOO_FEW_CI = f"–: too few configurations for a bootstrap CI (n < {MIN_CI})"
@@ -73,15 +75,33 @@ def changed_predictions(runs: pd.DataFrame) -> pd.Series:
 
 def no_ops(at_lr: pd.DataFrame, everywhere: set[str] = frozenset()) -> dict[str, str]:
     """method -> words, for the methods that changed no prediction on any configuration;
-    everywhere: those whose every setting tried was a no-op too (held-out selection)."""
+    everywhere: those whose every setting tried was a no-op too (held-out selection); the base
+    model (a method that does not adapt) is named as the reference."""
     changed = changed_predictions(at_lr).groupby(at_lr["method"]).sum(min_count=1)
-    return {m: NOOP_EVERYWHERE if m in everywhere else NOOP for m, n in changed.items() if n == 0}
+    base = not_adapting(at_lr)
+    return {m: BASE_MODEL if m in base else NOOP_EVERYWHERE if m in everywhere else NOOP
+            for m, n in changed.items() if n == 0 or m in base}
+
+
+def not_adapting(runs: pd.DataFrame) -> set[str]:
+    """The method labels whose registered class does not adapt (`none`, the source model)."""
+    from tta_bench.core.errors import TTAError
+    from tta_bench.core.registry import method_class
+
+    def adapts(name: str) -> bool:
+        try:
+            return method_class(name).adapts
+        except TTAError:  # an unknown plugin: assume it adapts
+            return True
+    names = runs.drop_duplicates("method").set_index("method")["method_name"]
+    return {label for label, name in names.items() if not adapts(name)}
 
 
 def method_table(at_lr: pd.DataFrame, chosen: dict[str, float], how: str, reference: str,
-                 noops: dict[str, str] | None = None) -> pd.DataFrame:
+                 noops: dict[str, str] | None = None, fixed: set[str] = frozenset()) -> pd.DataFrame:
     """The paper's Table 2/5: each method against the source model and against the reference.
-    noops: method -> words; left out of the Holm family (their adjusted p-values are NaN)."""
+    noops: method -> words; left out of the Holm family (their adjusted p-values are NaN);
+    fixed: methods with nothing to tune (their lr is `FIXED`, not `how`)."""
     noops = noops or {}
     deltas = at_lr.pivot_table(index="configuration", columns="method", values="delta_acc")
     rows = []
@@ -90,7 +110,7 @@ def method_table(at_lr: pd.DataFrame, chosen: dict[str, float], how: str, refere
         vs = stats.versus_source(d.to_numpy())
         if vs.n < MIN_CI:  # a bootstrap over so few values is degenerate: no CI
             vs.ci_low = vs.ci_high = math.nan
-        row = {"method": method, "lr": chosen[method], "lr chosen": how,
+        row = {"method": method, "lr": chosen[method], "lr chosen": FIXED if method in fixed else how,
                "configs": vs.n, "mean Δacc": vs.mean, "std": vs.std, "Δacc>0": vs.n_pos,
                "Δacc<0": vs.n_neg, "p sign": vs.p_sign, "p t": vs.p_t, "p Wilcoxon": vs.p_wilcoxon,
                "CI95 low": vs.ci_low, "CI95 high": vs.ci_high}
@@ -113,8 +133,10 @@ def method_table(at_lr: pd.DataFrame, chosen: dict[str, float], how: str, refere
             table.insert(table.columns.get_loc(col) + 1, f"{col} (Holm)", stats.holm(table[col].where(in_family)))
     if noops:
         table["note"] = [noops.get(m, "") for m in table["method"]]
-    table = table.sort_values("mean Δacc", ascending=False, kind="stable").reset_index(drop=True)
-    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    base = table["method"].map(noops).eq(BASE_MODEL)  # the reference: last, unranked
+    table = table.assign(base=base).sort_values(["base", "mean Δacc"], ascending=[True, False], kind="stable")
+    table = table.drop(columns="base").reset_index(drop=True)
+    table.insert(0, "rank", pd.array([i + 1 if not b else pd.NA for i, b in enumerate(sorted(base))], dtype="Int64"))
     return table
 
 
@@ -194,8 +216,9 @@ def headline_table(methods: pd.DataFrame, unit: str = "images") -> tuple[pd.Data
           for lo, hi in zip(data["CI95 low"], data["CI95 high"], strict=True)]
     notes = data["note"] if "note" in data else [""] * len(data)
     view = pd.DataFrame({
-        "rank": data["rank"].astype(str), "method": data["method"],
-        "lr": [f"{lr:.3g} ({how})" for lr, how in zip(data["lr"], data["lr chosen"], strict=True)],
+        "rank": ["–" if pd.isna(r) else str(r) for r in data["rank"]], "method": data["method"],
+        "lr": ["–" if note == BASE_MODEL else f"{lr:.3g} ({how})"
+               for lr, how, note in zip(data["lr"], data["lr chosen"], notes, strict=True)],
         "mean Δacc [95% CI]": [note or f"{m:+.2f}{c}"  # a no-op in words, not +0.00
                                for m, c, note in zip(data["mean Δacc"], ci, notes, strict=True)],
         "wins/losses": [f"{w:.0f}/{lo:.0f}" for w, lo in zip(data["Δacc>0"], data["Δacc<0"], strict=True)],
