@@ -257,7 +257,8 @@ def test_a_family_with_one_setting_and_no_validation_runs_is_scored_as_not_tuned
     assert "sift" not in head.index
     selection = shown(out, "selection")
     assert selection.loc["nn", "validation mean Δacc (configs)"] == FIXED and selection.loc["nn", "regret"] == "+0.00"
-    assert "Not tuned (no validation runs; one setting, scored as run): nn." in (out / "toy" / "headline.md").read_text()
+    caption = (out / "toy" / "headline.md").read_text()
+    assert "Not tuned (no validation runs; one setting, scored as run): nn." in caption
     assert shown(out, "headline").loc["entropy", "lr"] == "0.01 (held-out)"  # the others are chosen as before
 
 
@@ -363,7 +364,8 @@ def load_fair_gpu():
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("fair_gpu", Path(__file__).parent.parent / "benchmarks" / "fair_gpu.py")
+    path = Path(__file__).parent.parent / "benchmarks" / "fair_gpu.py"
+    spec = importlib.util.spec_from_file_location("fair_gpu", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -15,7 +15,15 @@ import pandas as pd
 from tta_bench.core.errors import TTAError
 from tta_bench.reporting.report import task_report
 from tta_bench.reporting.runs import FROM, RUNS_TABLE, complete, latest, load_runs, read_runs
-from tta_bench.reporting.selection import Choice, Selection, _check_validation, _d, _names, choose, task_selection
+from tta_bench.reporting.selection import (
+    Choice,
+    Selection,
+    check_validation,
+    choose,
+    distinct_text,
+    task_selection,
+    threshold_text,
+)
 from tta_bench.reporting.site import write_site
 from tta_bench.reporting.tables import write_table
 
@@ -43,34 +51,35 @@ def build(uri: str | None, experiment: str, out: Path, selection: Selection, thr
         runs = read = runs[runs["task"].isin(tasks)]
     runs = complete(runs)
     if reference is not None and reference not in set(runs["method"]):
-        raise TTAError(f"--reference {reference!r} has no runs; methods with runs: {_names(runs['method'])}")
+        raise TTAError(f"--reference {reference!r} has no runs; methods with runs: {distinct_text(runs['method'])}")
     reference = reference or "ifo"
     at_d = runs[runs["threshold"].isna() if threshold is None else np.isclose(runs["threshold"], threshold)]
     if selection.mode == "heldout":
-        _check_validation(at_d, threshold)
+        check_validation(at_d, threshold)
     selections = {task: task_selection(selection, g) for task, g in at_d.groupby("task")}
     choices = {task: choose(g, selections[task]) for task, g in at_d.groupby("task")}
+    d = threshold_text(threshold)
     if not any(c.lrs for c in choices.values()):
         if selection.mode == "heldout":
-            raise TTAError(f"no method has a run on every validation configuration at d = {_d(threshold)} (methods: "
-                           f"{_names(at_d['method'])}); run them on every subset=val configuration, or pass "
+            raise TTAError(f"no method has a run on every validation configuration at d = {d} (methods: "
+                           f"{distinct_text(at_d['method'])}); run them on every subset=val configuration, or pass "
                            f"--select default or --select best")
-        raise TTAError(f"no runs at threshold d = {_d(threshold)}; thresholds with runs: "
-                       f"{_names(runs['threshold'])}; pass one of them to --threshold" if at_d.empty else
-                       f"no run at {selection.target()} for method(s) {_names(at_d['method'])} (d = {_d(threshold)}); "
-                       f"learning rates with runs: {_names(at_d['lr'])}; "
+        raise TTAError(f"no runs at threshold d = {d}; thresholds with runs: "
+                       f"{distinct_text(runs['threshold'])}; pass one of them to --threshold" if at_d.empty else
+                       f"no run at {selection.target()} for method(s) {distinct_text(at_d['method'])} (d = {d}); "
+                       f"learning rates with runs: {distinct_text(at_d['lr'])}; "
                        + ("pass one of them to --lr" if selection.mode == "fixed"
                           else "pass --select best, or --select fixed --lr LR"))
     built = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
     origin = {"experiment": experiment, "sweep parent": parent or "", "lr selection": selection.caption(),
-              "threshold": f"d = {_d(threshold)}", "built": built}
+              "threshold": f"d = {d}", "built": built}
     reports = [task_report(task, g, at_d[at_d["task"] == task], choices.get(task, Choice({})), out / task,
                            sel := selections.get(task, selection), threshold, reference,
                            origin | {"lr selection": sel.caption()}) for task, g in runs.groupby("task")]
     tables = ", ".join(map(str, runs_tables))
     sources = " and ".join(([f"experiment `{experiment}`"] if store else []) + ([f"`{tables}`"] if tables else []))
     summary = (f"{len(runs)} result runs from {sources}. {selection.caption()}. Tables at threshold "
-               f"d = {_d(threshold)}; tests are one-sided (improvement). Built {built}.")
+               f"d = {d}; tests are one-sided (improvement). Built {built}.")
     written: list[Path] = []
     headlines, sections = ["## Headline\n"], []
     for task, g in read.groupby("task"):  # the input of every number below, for rebuilding and merging

@@ -9,11 +9,10 @@ from pathlib import Path
 import pandas as pd
 
 from tta_bench.reporting.runs import FROM, split_validation
-from tta_bench.reporting.selection import Choice, Selection, _d, choose_heldout, incomplete_configurations
+from tta_bench.reporting.selection import Choice, Selection, choose_heldout, incomplete_configurations, threshold_text
 from tta_bench.reporting.tables import (
     BASE_MODEL,
     CHOSEN,
-    FIXED,
     HEADLINE_P,
     MIN_CI,
     OPTION,
@@ -75,9 +74,9 @@ def task_report(task: str, task_runs: pd.DataFrame, at_d: pd.DataFrame, choice: 
     threshold d; choice: each row's learning rate. Validation configurations are never scored."""
     from tta_bench.reporting import plots
 
-    main, chosen = split_validation(at_d)[0], choice.lrs
-    notes = ([f"{task}: left out, no runs at d = {_d(threshold)}"] if at_d.empty else
-             [f"{task}: left out, only validation configurations (subset=val) at d = {_d(threshold)}"] if main.empty
+    main, chosen, d = split_validation(at_d)[0], choice.lrs, threshold_text(threshold)
+    notes = ([f"{task}: left out, no runs at d = {d}"] if at_d.empty else
+             [f"{task}: left out, only validation configurations (subset=val) at d = {d}"] if main.empty
              else [f"{task}: left out, {why}" for why in choice.left_out])
     if not chosen:
         return TaskReport(task, {}, {}, {}, notes)
@@ -88,7 +87,7 @@ def task_report(task: str, task_runs: pd.DataFrame, at_d: pd.DataFrame, choice: 
         main, at_lr = (df[~df["configuration"].isin(incomplete)] for df in (main, at_lr))
         if choice.families is not None:  # the oracle and the regret on the scored configurations too
             choice.families = choose_heldout(main, split_validation(at_d)[1], choice.validation).families
-    n_configs = f"{task}: {main['configuration'].nunique()} configuration(s), d = {_d(threshold)}"
+    n_configs = f"{task}: {main['configuration'].nunique()} configuration(s), d = {d}"
     head = f"{n_configs}; {selection.caption()}"
     noops = no_ops(at_lr, choice.noop_everywhere)
     methods = method_table(at_lr, chosen, selection.label(), reference, noops, choice.fixed)
@@ -111,8 +110,8 @@ def task_report(task: str, task_runs: pd.DataFrame, at_d: pd.DataFrame, choice: 
            f"{', '.join(no_op)}" if (no_op := [m for m, w in noops.items() if w != BASE_MODEL]) else "")
         + (f". {', '.join(base)}: {BASE_MODEL}, not tested"
            if (base := [m for m, w in noops.items() if w == BASE_MODEL]) else "")
-        + (f". Not tuned (no validation runs; one setting, scored as run): {', '.join(sorted(choice.fixed - set(base)))}"
-           if choice.fixed - set(base) else "") + "."), view)}
+        + (f". Not tuned (no validation runs; one setting, scored as run): {', '.join(sorted(untuned))}"
+           if (untuned := choice.fixed - set(base)) else "") + "."), view)}
     if choice.families is not None:
         data, view = selection_table(choice.families, order)
         tables["selection"] = Table(data, (

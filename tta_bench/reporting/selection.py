@@ -190,21 +190,21 @@ def task_selection(selection: Selection, runs: pd.DataFrame) -> Selection:
     return selection
 
 
-def _check_validation(at_d: pd.DataFrame, threshold: float | None) -> None:
+def check_validation(at_d: pd.DataFrame, threshold: float | None) -> None:
     """Held-out selection needs validation configurations in at least one task (the others fall back)."""
     if split_validation(at_d)[1].empty:
         raise TTAError(f"--select heldout: no task has validation configurations (subset=val) at "
-                       f"d = {_d(threshold)} (tasks: {_names(at_d['task'])}); run configurations with subset=val "
-                       f"too, or pass --select default or --select best")
+                       f"d = {threshold_text(threshold)} (tasks: {distinct_text(at_d['task'])}); run configurations "
+                       f"with subset=val too, or pass --select default or --select best")
 
 
-def _d(threshold: float | None) -> str:
+def threshold_text(threshold: float | None) -> str:
     return "none (no gate)" if threshold is None or math.isnan(threshold) else f"{threshold:g}"
 
 
-def _names(values: pd.Series) -> str:
+def distinct_text(values: pd.Series) -> str:
     """The distinct values, sorted, for a message (thresholds: NaN is a run without a gate)."""
     distinct = values.drop_duplicates()
     if distinct.dtype.kind == "f":
-        return ", ".join(_d(x) for x in sorted(distinct, key=lambda x: (math.isnan(x), x)))
+        return ", ".join(threshold_text(x) for x in sorted(distinct, key=lambda x: (math.isnan(x), x)))
     return ", ".join(sorted(map(str, distinct)))
