@@ -248,8 +248,10 @@ def test_a_family_without_a_candidate_on_every_validation_configuration_is_left_
 def test_a_family_with_one_setting_and_no_validation_runs_is_scored_as_not_tuned(tmp_path):
     """Issue 29: retrieval methods at their paper's setting (one lr, no knob tuned) need no
     validation runs; a family with two settings and none is still left out (nothing to choose on)."""
-    rows = planted() + grid("nn", 5e-5, [2.0, 2.0, 3.0, 3.0]) + grid("sift", 5e-5, [1.0] * 4) + grid(
-        "sift", 1e-4, [9.0] * 4)
+    timing = {"seconds_per_sample": 1.0, "select_seconds_per_sample": 0.0}
+    rows = [r | timing for r in planted()] + grid("nn", 5e-5, [2.0, 2.0, 3.0, 3.0], seconds_per_sample=2.0,
+                                                 select_seconds_per_sample=0.5)
+    rows += grid("sift", 5e-5, [1.0] * 4) + grid("sift", 1e-4, [9.0] * 4)
     with pytest.warns(UserWarning, match="no \\(variant, lr\\) run on every validation configuration: sift"):
         out = leaderboard(tmp_path, rows, "heldout")
     head, view = read(out, "headline").set_index("method"), shown(out, "headline")
@@ -260,6 +262,8 @@ def test_a_family_with_one_setting_and_no_validation_runs_is_scored_as_not_tuned
     caption = (out / "toy" / "headline.md").read_text()
     assert "Not tuned (no validation runs; one setting, scored as run): nn." in caption
     assert shown(out, "headline").loc["entropy", "lr"] == "0.01 (held-out)"  # the others are chosen as before
+    assert view.loc["nn", "s per scored sample"] == "2 (selection 0.5)"  # retrieval: its selection time apart
+    assert view.loc["entropy", "s per scored sample"] == "1"
 
 
 def test_the_base_model_is_the_unranked_reference_row(tmp_path):

@@ -106,6 +106,7 @@ def task_report(task: str, task_runs: pd.DataFrame, at_d: pd.DataFrame, choice: 
         + (f"; source acc and Δacc, all {unit}: over every one of a configuration's {unit} (not only the "
            f"uncertain ones), mean over the configurations" if "Δacc all" in methods else "")
         + ("; s per scored sample: wall seconds per uncertain (scored) sample" if "s/sample" in methods else "")
+        + (" (selection: of them, choosing the data to fine-tune on)" if "select s/sample" in methods else "")
         + (f". No-op (changed no prediction on any configuration; excluded from the Holm family): "
            f"{', '.join(no_op)}" if (no_op := [m for m, w in noops.items() if w != BASE_MODEL]) else "")
         + (f". {', '.join(base)}: {BASE_MODEL}, not tested"

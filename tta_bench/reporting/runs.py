@@ -23,7 +23,8 @@ METRICS = ("delta_acc", "n_fixed", "n_broken", "n_total", "n_uncertain", "frac_u
            "acc_source", "acc_adapted", "p_mcnemar", "forwards_per_sample", "backwards_per_sample",
            "samples_per_s", "bpb_source", "bpb", "bpb_change_pct", "n_bpb_nan",  # bpb: text tasks only
            # *_all: over every image of the configuration, not only the uncertain ones (older runs: NaN)
-           "n_changed", "n_updated", "acc_source_all", "acc_adapted_all", "delta_acc_all", "seconds_per_sample")
+           "n_changed", "n_updated", "acc_source_all", "acc_adapted_all", "delta_acc_all", "seconds_per_sample",
+           "select_seconds_per_sample")  # of seconds_per_sample: choosing data to step on (retrieval)
 PROVENANCE_TAGS = {"parent": "mlflow.parentRunId", "tta-bench": "tta_bench.version", "torch": "version.torch",
                    "commit": "mlflow.source.git.commit", "source": "tta_bench.source_sha256"}
 KEY = ["configuration", "method", "lr", "threshold"]  # one run counts per key: the latest

@@ -26,6 +26,7 @@ BPB = {"bpb source": "bpb_source", "bpb": "bpb", "Δbpb %": "bpb_change_pct"}
 # over every image of a configuration (not only the uncertain ones), and the cost per scored sample
 WHOLE = {"source acc all (%)": "acc_source_all", "Δacc all": "delta_acc_all"}
 SECONDS = {"s/sample": "seconds_per_sample"}
+SELECT = {"select s/sample": "select_seconds_per_sample"}  # of s/sample; only where a method selects data
 NOOP = "no-op: changed no prediction"
 NOOP_EVERYWHERE = "no-op at every setting tried"  # held-out selection: every candidate, on validation too
 FIXED = "not tuned"  # held-out selection: no validation runs and one (variant, lr): nothing to choose
@@ -125,6 +126,8 @@ def method_table(at_lr: pd.DataFrame, chosen: dict[str, float], how: str, refere
             row.update({column: g[metric].mean() for column, metric in BPB.items()})
         row.update({column: g[metric].mean() for column, metric in {**SECONDS, **WHOLE}.items()
                     if has(at_lr, metric)})
+        if selects(at_lr):
+            row["select s/sample"] = g[SELECT["select s/sample"]].mean()
         rows.append(row)
     table = pd.DataFrame(rows)
     in_family = ~table["method"].isin(list(noops))  # a no-op has nothing to test
@@ -143,6 +146,11 @@ def method_table(at_lr: pd.DataFrame, chosen: dict[str, float], how: str, refere
 def has_bpb(runs: pd.DataFrame) -> bool:
     """Whether these runs recorded bits per byte (text tasks)."""
     return has(runs, "bpb")
+
+
+def selects(runs: pd.DataFrame) -> bool:
+    """Whether a method of these runs spent time choosing data to step on (retrieval)."""
+    return has(runs, SELECT["select s/sample"]) and bool((runs[SELECT["select s/sample"]] > 0).any())
 
 
 def has(runs: pd.DataFrame, metric: str) -> bool:
@@ -209,7 +217,7 @@ def friedman_table(at_lr: pd.DataFrame) -> tuple[pd.DataFrame, stats.Friedman] |
 def headline_table(methods: pd.DataFrame, unit: str = "images") -> tuple[pd.DataFrame, pd.DataFrame]:
     """The answer first: per method its rank, lr and how it was chosen, mean Δacc with its CI,
     wins/losses over configurations, Holm-adjusted p and cost. Returns (raw numbers, view)."""
-    extra = [c for c in ("note", *WHOLE, *SECONDS) if c in methods]
+    extra = [c for c in ("note", *WHOLE, *SECONDS, *SELECT) if c in methods]
     data = methods[["rank", "method", "lr", "lr chosen", "mean Δacc", "CI95 low", "CI95 high", "Δacc>0",
                     "Δacc<0", HEADLINE_P, "fwd/sample", "bwd/sample", *extra]].reset_index(drop=True)
     ci = [f" [{lo:+.2f}, {hi:+.2f}]" if np.isfinite([lo, hi]).all() else " [–]"
@@ -237,6 +245,10 @@ def headline_table(methods: pd.DataFrame, unit: str = "images") -> tuple[pd.Data
             view.insert(at, shown, ["–" if pd.isna(x) else fmt.format(x) for x in data[column]])
     if "s/sample" in data:
         view["s per scored sample"] = [_or_dash(x, "s/sample") for x in data["s/sample"]]
+    if "select s/sample" in data:  # retrieval: of which choosing the data
+        view["s per scored sample"] = [f"{total} (selection {_or_dash(sel, 's/sample')})" if sel > 0 else total
+                                       for total, sel in zip(view["s per scored sample"], data["select s/sample"],
+                                                             strict=True)]
     return data, view
 
 
