@@ -19,8 +19,8 @@ from pathlib import Path
 import pandas as pd
 
 from tta_bench.core.stats import mcnemar_exact
+from tta_bench.reporting.axes import OPTION
 from tta_bench.reporting.runs import RUNS_TABLE
-from tta_bench.reporting.tables import OPTION
 
 FOLDER = Path(__file__).parent / "cifar10"
 DEFAULTS = {"model": "efficientnet-lite0", "corruption": "none", "severity": "3"}  # tasks/cifar10.py

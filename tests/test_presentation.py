@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 
 from tta_bench.core import stats
+from tta_bench.reporting.axes import CORRUPTION_GROUPS, SHORT, STANDARD
 from tta_bench.reporting.leaderboard import build
 from tta_bench.reporting.selection import Selection
-from tta_bench.reporting.tables import CORRUPTION_GROUPS, SHORT, STANDARD, TOO_FEW_CI
+from tta_bench.reporting.tables import TOO_FEW_CI
 
 METHODS = ("ifo", "entropy")  # both at their default lr 0.0205
 MODELS = ("efficientnet-lite0", "efficientnet-lite1")

@@ -16,11 +16,11 @@ from test_cli import run_cli
 
 import tta_bench
 from tta_bench.reporting.leaderboard import build
+from tta_bench.reporting.output import Table
 from tta_bench.reporting.report import TaskReport
 from tta_bench.reporting.report import provenance as provenance_of
 from tta_bench.reporting.selection import Selection
 from tta_bench.reporting.site import write_site
-from tta_bench.reporting.tables import Table
 from tta_bench.running.provenance import source_sha256
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from tta_bench.core.errors import TTAError
+from tta_bench.reporting.output import write_table
 from tta_bench.reporting.report import task_report
 from tta_bench.reporting.runs import FROM, RUNS_TABLE, complete, latest, load_runs, read_runs
 from tta_bench.reporting.selection import (
@@ -25,7 +26,6 @@ from tta_bench.reporting.selection import (
     threshold_text,
 )
 from tta_bench.reporting.site import write_site
-from tta_bench.reporting.tables import write_table
 
 
 def build(uri: str | None, experiment: str, out: Path, selection: Selection, threshold: float | None = 0.16,

@@ -10,32 +10,34 @@ import pandas as pd
 
 from tta_bench.reporting.runs import FROM, split_validation
 from tta_bench.reporting.selection import Choice, Selection, choose_heldout, incomplete_configurations, threshold_text
+from tta_bench.reporting.axes import (
+    OPTION,
+    UNITS,
+    at_severity,
+    axis_table,
+    clean,
+    configuration_labels,
+    describe,
+    every_severity,
+    option_axes,
+)
+from tta_bench.reporting.output import Table
 from tta_bench.reporting.tables import (
     BASE_MODEL,
     CHOSEN,
     HEADLINE_P,
     MIN_CI,
-    OPTION,
     ORACLE,
     TOO_FEW_CI,
-    UNITS,
-    Table,
     at_chosen,
-    at_severity,
-    axis_table,
-    clean,
-    configuration_labels,
     configuration_table,
     corruption_table,
-    describe,
-    every_severity,
     friedman_table,
     headline_table,
     lr_grid,
     lr_table,
     method_table,
     no_ops,
-    option_axes,
     selection_table,
     threshold_table,
 )

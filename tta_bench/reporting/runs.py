@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from tta_bench.core.errors import TTAError, first_line
-from tta_bench.reporting.tables import OPTION, SUBSET
+from tta_bench.reporting.axes import OPTION, SUBSET
 from tta_bench.storage.tracking import CONFIGURATION, KIND, METHOD, _label, check_uri, open_client
 
 if TYPE_CHECKING:

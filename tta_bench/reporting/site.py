@@ -10,7 +10,8 @@ from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tta_bench.reporting.tables import CHOSEN, Table
+from tta_bench.reporting.output import Table
+from tta_bench.reporting.tables import CHOSEN
 
 if TYPE_CHECKING:
     from tta_bench.reporting.report import TaskReport

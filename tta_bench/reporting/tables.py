@@ -1,24 +1,18 @@
 """The leaderboard's tables (docs/DESIGN.md §5), built from the runs at each method's chosen learning
 rate: the headline, every statistic per method, methods × configurations / learning rates /
-task options, thresholds and the Friedman ranks; each written as CSV (raw numbers), Markdown,
-HTML and LaTeX."""
+task options, thresholds and the Friedman ranks; each as raw numbers and a view (output.py writes
+them; axes.py knows the task options)."""
 from __future__ import annotations
 
-import html
 import math
-import os
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tabulate import tabulate
 
 from tta_bench.core import stats
+from tta_bench.reporting.axes import CLEAN, CORRUPTION_GROUPS, OPTION, SHORT, axis_table, clean, configuration_labels
+from tta_bench.reporting.output import or_dash, rounded
 
-FORMATS = {"md": "github", "html": "html", "tex": "latex_booktabs"}
-OPTION = "option."  # column prefix of the task options (corruption, model, corpus, …) in the runs
-SUBSET = OPTION + "subset"  # test (scored) or val (held out: used only to choose hyperparameters)
 HEADLINE_P = "p Wilcoxon (Holm)"
 CHOSEN = " ◀"  # marks the chosen learning rate in the methods × learning rates table
 # text tasks: mean bits per byte over the configurations at θ0 and adapted, and its mean change (%)
@@ -34,39 +28,12 @@ BASE_MODEL = "the base model, not adapted (the reference)"  # the method `none`,
 ORACLE = "best on test ⚠"
 MIN_CI = 5  # fewer configurations: a BCa bootstrap CI of the mean is degenerate; shown as –
 TOO_FEW_CI = f"–: too few configurations for a bootstrap CI (n < {MIN_CI})"
-# CIFAR-10-C / ImageNet-C (Hendrycks & Dietterich 2019): the 15 standard corruptions in their groups
-# and order, then the 4 extra; each with its short header in the per-corruption tables
-CORRUPTION_GROUPS = {
-    "noise": {"gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impul"},
-    "blur": {"defocus_blur": "defoc", "glass_blur": "glass", "motion_blur": "motn", "zoom_blur": "zoom"},
-    "weather": {"snow": "snow", "frost": "frost", "fog": "fog", "brightness": "brit"},
-    "digital": {"contrast": "contr", "elastic_transform": "elast", "pixelate": "pixel", "jpeg_compression": "jpeg"},
-    "extra": {"speckle_noise": "speck", "gaussian_blur": "gblur", "spatter": "spatt", "saturate": "satur"}}
-SHORT = {name: short for group in CORRUPTION_GROUPS.values() for name, short in group.items()}
-STANDARD = [name for group in ("noise", "blur", "weather", "digital") for name in CORRUPTION_GROUPS[group]]
-CLEAN = "none"  # corruption=none: the clean data, no severity
-FIRST_AXES = ("model", "corruption", "severity")  # in labels and tables these options come first, in this order
-# the task descriptions: what a configuration's samples are, and the corruption benchmark's name
-UNITS = {"cifar10": "images", "imagenet": "images", "text": "windows", "mc": "questions"}
-BENCHMARKS = {"cifar10": "CIFAR-10-C", "imagenet": "ImageNet-C"}
-PLURALS = {"corpus": "corpora", "severity": "severities"}
 
 
 def at_chosen(runs: pd.DataFrame, chosen: dict[str, float]) -> pd.DataFrame:
     """The rows at each method's chosen learning rate."""
-    return runs[[math.isclose(lr, chosen.get(m, -1.0), rel_tol=1e-9) for m, lr in zip(runs["method"], runs["lr"], strict=True)]]
-
-
-def _fmt(column: str, x: float) -> str:
-    if column.startswith("p ") or column in ("lr", "threshold", "s/sample") or column.endswith(" lr"):
-        return f"{x:.3g}"
-    if column == "frac_uncertain":
-        return f"{x:.3f}"
-    if column.startswith(("n_", "Δacc>", "Δacc<", "configs")):
-        return f"{x:.0f}"
-    if column in BPB:
-        return f"{x:.3f}"
-    return f"{x:.2f}"
+    return runs[[math.isclose(lr, chosen.get(m, -1.0), rel_tol=1e-9)
+                 for m, lr in zip(runs["method"], runs["lr"], strict=True)]]
 
 
 def changed_predictions(runs: pd.DataFrame) -> pd.Series:
@@ -171,17 +138,9 @@ def configuration_table(at_lr: pd.DataFrame, reference: str, order: list[str],
                          if c in g.index else "–" for c in table.index]
     data = table.reset_index()
     labels = configuration_labels(at_lr, axes)
-    view = _rounded(data.drop(columns=[OPTION + a for a in axes]))
+    view = rounded(data.drop(columns=[OPTION + a for a in axes]))
     view["configuration"] = data["configuration"].map(labels)
     return data, view
-
-
-def configuration_labels(runs: pd.DataFrame, axes: list[str]) -> dict[str, str]:
-    """configuration key -> display label `model=…, corruption=…, severity=…`: every option in `axes`
-    (option_axes: those that vary, never subset), default values too; the key where none varies."""
-    configs = runs.drop_duplicates("configuration").set_index("configuration")
-    return {c: ", ".join(f"{a}={'–' if pd.isna(row[OPTION + a]) else row[OPTION + a]}" for a in axes) or c
-            for c, row in configs.iterrows()}
 
 
 def lr_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -244,9 +203,9 @@ def headline_table(methods: pd.DataFrame, unit: str = "images") -> tuple[pd.Data
         if column in data:
             view.insert(at, shown, ["–" if pd.isna(x) else fmt.format(x) for x in data[column]])
     if "s/sample" in data:
-        view["s per scored sample"] = [_or_dash(x, "s/sample") for x in data["s/sample"]]
+        view["s per scored sample"] = [or_dash(x, "s/sample") for x in data["s/sample"]]
     if "select s/sample" in data:  # retrieval: of which choosing the data
-        view["s per scored sample"] = [f"{total} (selection {_or_dash(sel, 's/sample')})" if sel > 0 else total
+        view["s per scored sample"] = [f"{total} (selection {or_dash(sel, 's/sample')})" if sel > 0 else total
                                        for total, sel in zip(view["s per scored sample"], data["select s/sample"],
                                                              strict=True)]
     return data, view
@@ -287,40 +246,12 @@ def lr_grid(by_lr: pd.DataFrame, chosen: dict[str, float], order: list[str]) -> 
     lrs = list(grid.columns)
     data = grid.set_axis([f"{lr:g}" for lr in lrs], axis=1)
     data.insert(0, "chosen lr", [chosen.get(m, math.nan) for m in grid.index])
-    view = pd.DataFrame({"method": grid.index, "chosen lr": [_or_dash(chosen.get(m), "lr") for m in grid.index]})
+    view = pd.DataFrame({"method": grid.index, "chosen lr": [or_dash(chosen.get(m), "lr") for m in grid.index]})
     for lr in lrs:
         view[f"{lr:.3g}"] = [("–" if pd.isna(x) else f"{x:+.2f}")
                              + (CHOSEN if math.isclose(lr, chosen.get(m, -1.0), rel_tol=1e-9) else "")
                              for m, x in zip(grid.index, grid[lr], strict=True)]
     return data.reset_index(), view
-
-
-def option_axes(runs: pd.DataFrame) -> list[str]:
-    """The task options that vary over the configurations (corruption, model, corpus, …): model,
-    corruption and severity first, then the others by name; subset never (scored ones are all test);
-    severity only where it varies over the corrupted configurations (the clean data has none)."""
-    configs = runs.drop_duplicates("configuration")
-    shifted = configs[~clean(configs)]
-    axes = [c.removeprefix(OPTION) for c in configs.columns if c.startswith(OPTION) and c != SUBSET
-            and (shifted if c == OPTION + "severity" else configs)[c].astype(str).nunique() > 1]
-    return sorted(axes, key=lambda a: (FIRST_AXES.index(a) if a in FIRST_AXES else len(FIRST_AXES), a))
-
-
-def axis_table(at_lr: pd.DataFrame, axis: str, order: list[str]) -> pd.DataFrame:
-    """Methods × the values of one task option (the per-model / per-shift views of TTA papers):
-    mean Δacc over the configurations with that value, and over all of them."""
-    values = at_lr[OPTION + axis].astype(str)
-    table = at_lr.assign(value=values).pivot_table(index="method", columns="value", values="delta_acc", aggfunc="mean")
-    table = table[sorted(table.columns, key=lambda v: _order(axis, v))].reindex(order)
-    table.columns = list(table.columns)
-    table["mean"] = at_lr.groupby("method")["delta_acc"].mean().reindex(order)
-    return table.rename_axis("method").reset_index()
-
-
-def clean(runs: pd.DataFrame) -> pd.Series:
-    """Per run, whether its configuration is the clean data (corruption=none)."""
-    column = runs.get(OPTION + "corruption", pd.Series(None, index=runs.index, dtype=object))
-    return column.astype(str).eq(CLEAN)
 
 
 def corruption_table(at_lr: pd.DataFrame, order: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, str]:
@@ -331,7 +262,7 @@ def corruption_table(at_lr: pd.DataFrame, order: list[str]) -> tuple[pd.DataFram
     table = axis_table(at_lr[~clean(at_lr)], "corruption", order).set_index("method")
     if clean(at_lr).any():
         table[CLEAN] = axis_table(at_lr[clean(at_lr)], "corruption", order).set_index("method")[CLEAN]
-    view = table.map(lambda x: _or_dash(x, ".1f"))
+    view = table.map(lambda x: or_dash(x, ".1f"))
     view = view.rename(columns={**SHORT, CLEAN: "clean"}).reset_index()
     names = [c for c in table.columns if c not in ("mean", CLEAN)]
     groups = {g: [short for name, short in members.items() if name in names]
@@ -339,142 +270,3 @@ def corruption_table(at_lr: pd.DataFrame, order: list[str]) -> tuple[pd.DataFram
     groups["other"] = [name for name in names if name not in SHORT]
     words = "; ".join(f"{g}: {' '.join(shorts)}" for g, shorts in groups.items() if shorts)
     return table.reset_index(), view, words
-
-
-def at_severity(at_lr: pd.DataFrame, level: str, axis: str) -> pd.DataFrame:
-    """The corrupted configurations at one severity; for the per-corruption table also the clean
-    configurations of the same models (its clean column: clean data has no severity)."""
-    part = at_lr[~clean(at_lr) & at_lr[OPTION + "severity"].astype(str).eq(level)]
-    if axis != "corruption":
-        return part
-    same = at_lr[OPTION + "model"].isin(part[OPTION + "model"]) if OPTION + "model" in at_lr else True
-    return pd.concat([part, at_lr[clean(at_lr) & same]])
-
-
-def every_severity(at_lr: pd.DataFrame, axes: list[str]) -> tuple[pd.DataFrame, str]:
-    """The corrupted configurations whose other options (model, corruption, …) were run at every
-    severity there is, to compare severities like with like; and those options' values in words."""
-    part, others = at_lr[~clean(at_lr)], [a for a in axes if a != "severity"]
-    if not others:
-        return part, ""
-    severity = part[OPTION + "severity"].astype(str)
-    part = part[severity.groupby([part[OPTION + a].astype(str) for a in others]).transform("nunique")
-                .eq(severity.nunique())]
-    values = {a: sorted(part[OPTION + a].astype(str).unique(), key=lambda v: _order(a, v)) for a in others}
-    words = "; ".join(f"{a} ({len(v)}): {', '.join(v)}" for a, v in values.items())
-    n = len(part.drop_duplicates([OPTION + a for a in others]))
-    return part, f"the {n} ({', '.join(others)}) combinations run at every severity: {words}"
-
-
-def describe(task: str, at_lr: pd.DataFrame, validation: int) -> str:
-    """One line on what a task's tables cover, from its scored runs: the models, corruptions (or
-    corpora, datasets, …) and severities, samples per configuration, validation configurations."""
-    configs = at_lr.drop_duplicates("configuration")
-
-    def values(axis: str) -> list[str]:
-        column = configs.get(OPTION + axis, pd.Series(dtype=object)).dropna().astype(str)
-        return sorted(column.unique(), key=lambda v: _order(axis, v))
-
-    parts = [_compact(values("model"))] if values("model") else []
-    if corruptions := values("corruption"):
-        shifted = [c for c in corruptions if c != CLEAN]
-        standard = [c for c in shifted if c in STANDARD]
-        named = f"{BENCHMARKS[task]} " if task in BENCHMARKS else ""
-        words = (["clean"] if CLEAN in corruptions else []) + (
-            [f"the {len(STANDARD)} standard {named}corruptions"] if len(standard) == len(STANDARD) else
-            [f"{len(standard)} of the {len(STANDARD)} standard {named}corruptions ({_which(standard, STANDARD)})"]
-            if standard else []) + ([f"{len(other)} other ({', '.join(other)})"]
-                                    if (other := [c for c in shifted if c not in STANDARD]) else [])
-        severity = configs[~clean(configs)].get(OPTION + "severity", pd.Series(dtype=object))  # clean: none
-        levels = sorted(severity.dropna().astype(str).unique(), key=_natural)
-        parts.append(" + ".join(words) + (f" at severit{'ies' if len(levels) > 1 else 'y'} {', '.join(levels)}"
-                                          if levels else ""))
-    for axis in option_axes(at_lr):
-        if axis not in FIRST_AXES:
-            parts.append(f"{len(values(axis))} {PLURALS.get(axis, axis + 's')} ({', '.join(values(axis))})")
-    n = configs["n_total"].dropna()
-    size = f"{n.min():.0f}" if n.nunique() == 1 else f"{n.min():.0f}–{n.max():.0f}"
-    return (f"{task}: {' × '.join(parts) or f'{len(configs)} configuration(s)'}"
-            + (f"; {size} {UNITS.get(task, 'samples')} per configuration" if len(n) else "")
-            + (f"; {validation} validation configuration{'s' * (validation != 1)} (held out)" if validation else ""))
-
-
-def _which(some: list[str], every: list[str]) -> str:
-    """Which of `every` are in `some`, in the fewer words: the ones in it, or those without."""
-    missing = [x for x in every if x not in some]
-    return ", ".join(some) if len(some) <= len(missing) else f"without {', '.join(missing)}"
-
-
-def _compact(names: list[str]) -> str:
-    """Names that differ in a numeric suffix, compactly: efficientnet-lite0/1/2."""
-    prefix = os.path.commonprefix(names) if len(names) > 1 else ""
-    while prefix and not (prefix[-1] in "-_./" or all(n[len(prefix):][:1].isdigit() for n in names)):
-        prefix = prefix[:-1]
-    return prefix + "/".join(n[len(prefix):] for n in names)
-
-
-def _order(axis: str, value: str) -> tuple:
-    """Sort key of an option's values: corruptions in the standard order, then the others by name."""
-    if axis == "corruption" and value != CLEAN:
-        return 1, list(SHORT).index(value) if value in SHORT else len(SHORT), value
-    return _natural(value)
-
-
-def _natural(value: str) -> tuple:
-    """Numbers in numeric order, then names; `none` (no shift: the clean data) first of all."""
-    if value == "none":
-        return -1, 0.0, value
-    try:
-        return 0, float(value), value
-    except ValueError:
-        return 1, 0.0, value
-
-
-def _or_dash(x: float | None, column: str) -> str:
-    """x formatted for its column (or by a format spec such as ".1f"), – where there is none."""
-    if x is None or pd.isna(x):
-        return "–"
-    return format(x, column) if column.startswith(".") else _fmt(column, x)
-
-
-def _rounded(data: pd.DataFrame) -> pd.DataFrame:
-    """The raw numbers rounded for their columns, as text."""
-    shown = data.copy()
-    for col in shown.columns:
-        if shown[col].dtype.kind == "f":
-            shown[col] = [_or_dash(x, col) for x in shown[col]]
-    return shown.astype(str)
-
-
-@dataclass
-class Table:
-    """One published table: raw numbers (its CSV), caption, and the rendered view (default: the
-    raw numbers rounded)."""
-
-    data: pd.DataFrame
-    caption: str
-    shown: pd.DataFrame | None = None
-
-    def view(self) -> pd.DataFrame:
-        return _rounded(self.data) if self.shown is None else self.shown
-
-
-def write_table(table: Table, path: Path) -> tuple[list[Path], str]:
-    """CSV with raw numbers; Markdown, HTML and LaTeX of the view with the caption.
-    Returns the files written and the Markdown."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table.data.to_csv(path.with_suffix(".csv"), index=False)
-    written, markdown = [path.with_suffix(".csv")], ""
-    for ext, fmt in FORMATS.items():
-        body = tabulate(table.view(), headers="keys", tablefmt=fmt, showindex=False, disable_numparse=True)
-        if ext == "md":
-            body = markdown = f"{table.caption}\n\n{body}\n"
-        elif ext == "html":
-            body = body.replace("<table>", f"<table>\n<caption>{html.escape(table.caption)}</caption>", 1)
-        else:
-            body = f"% {table.caption}\n{body}\n"
-        path.with_suffix(f".{ext}").write_text(body)
-        written.append(path.with_suffix(f".{ext}"))
-    return written, markdown
-
-
