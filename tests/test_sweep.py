@@ -307,3 +307,15 @@ def _kill_a_worker_mid_job(jobs: Path, sweep: subprocess.Popen) -> str:
                 return folder.name
         time.sleep(0.02)
     raise AssertionError("no job was caught mid-way")
+
+
+def test_the_sweeps_readme_lists_every_spec_with_its_job_count():
+    """sweeps/README.md's table: one row per spec in sweeps/, its `jobs` column the count the spec
+    expands to (a spec changed without its row is caught here)."""
+    import re
+
+    folder = Path(__file__).resolve().parent.parent / "sweeps"
+    rows = {m.group(1): int(m.group(2)) for m in re.finditer(
+        r"^\| `([\w.-]+\.toml)` \|.*?\| (\d+) \| [^|]* \|$", (folder / "README.md").read_text(), re.M)}
+    specs = {p.name: len(jobs_from_spec(load_spec(p))[0]) for p in sorted(folder.glob("*.toml"))}
+    assert rows == specs
