@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from tta_bench.reporting.runs import FROM, split_validation
-from tta_bench.reporting.selection import Choice, Selection, choose_heldout, incomplete_configurations, threshold_text
 from tta_bench.reporting.axes import (
     OPTION,
     UNITS,
@@ -22,6 +20,8 @@ from tta_bench.reporting.axes import (
     option_axes,
 )
 from tta_bench.reporting.output import Table
+from tta_bench.reporting.runs import FROM, split_validation
+from tta_bench.reporting.selection import Choice, Selection, choose_heldout, incomplete_configurations, threshold_text
 from tta_bench.reporting.tables import (
     BASE_MODEL,
     CHOSEN,

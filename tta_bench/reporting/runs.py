@@ -202,17 +202,30 @@ def label_hparams(label: str) -> dict[str, str]:
     return dict(part.split("=", 1) for part in parts if "=" in part)
 
 
+def registered(name: str) -> type | None:
+    """The registered method class of a run's `method_name`; None for a plugin not installed here."""
+    from tta_bench.core.registry import method_class
+
+    try:
+        return method_class(name)
+    except TTAError:
+        return None
+
+
+def not_adapting(runs: pd.DataFrame) -> set[str]:
+    """The method labels whose registered class does not adapt (`none`, the source model; an
+    unknown plugin is taken to adapt)."""
+    names = runs.drop_duplicates("method").set_index("method")["method_name"]
+    return {label for label, name in names.items() if (cls := registered(name)) is not None and not cls.adapts}
+
+
 def families(runs: pd.DataFrame) -> dict[str, str]:
     """method label -> its family: the registry name and the values of its class's scoring
     hyperparameters (`pasle(gate=own)`; `pasle(tau=0.08)` is a variant of `pasle`); an unknown
     plugin is its own family."""
-    from tta_bench.core.registry import method_class
-
     found = {}
     for label, run in runs.drop_duplicates("method").set_index("method").iterrows():
-        try:
-            cls = method_class(run["method_name"])
-        except TTAError:
+        if (cls := registered(run["method_name"])) is None:
             found[label] = label
             continue
         written = label_hparams(label)

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 
 from tta_bench.core.errors import TTAError
-from tta_bench.reporting.runs import families, split_validation
-from tta_bench.reporting.tables import FIXED, NOOP_EVERYWHERE, ORACLE, changed_predictions, not_adapting
+from tta_bench.reporting.runs import families, not_adapting, split_validation
+from tta_bench.reporting.tables import FIXED, NOOP_EVERYWHERE, ORACLE, changed_predictions
 
 HELDOUT_RULE = ("per method family (registry name and scoring hyperparameters), the (variant, lr) with the highest "
                 "mean Δacc over the validation configurations{}, among those run on every one (ties: the smallest "

@@ -12,6 +12,7 @@ import pandas as pd
 from tta_bench.core import stats
 from tta_bench.reporting.axes import CLEAN, CORRUPTION_GROUPS, OPTION, SHORT, axis_table, clean, configuration_labels
 from tta_bench.reporting.output import or_dash, rounded
+from tta_bench.reporting.runs import not_adapting
 
 HEADLINE_P = "p Wilcoxon (Holm)"
 CHOSEN = " ◀"  # marks the chosen learning rate in the methods × learning rates table
@@ -49,20 +50,6 @@ def no_ops(at_lr: pd.DataFrame, everywhere: set[str] = frozenset()) -> dict[str,
     base = not_adapting(at_lr)
     return {m: BASE_MODEL if m in base else NOOP_EVERYWHERE if m in everywhere else NOOP
             for m, n in changed.items() if n == 0 or m in base}
-
-
-def not_adapting(runs: pd.DataFrame) -> set[str]:
-    """The method labels whose registered class does not adapt (`none`, the source model)."""
-    from tta_bench.core.errors import TTAError
-    from tta_bench.core.registry import method_class
-
-    def adapts(name: str) -> bool:
-        try:
-            return method_class(name).adapts
-        except TTAError:  # an unknown plugin: assume it adapts
-            return True
-    names = runs.drop_duplicates("method").set_index("method")["method_name"]
-    return {label for label, name in names.items() if not adapts(name)}
 
 
 def method_table(at_lr: pd.DataFrame, chosen: dict[str, float], how: str, reference: str,
@@ -105,8 +92,9 @@ def method_table(at_lr: pd.DataFrame, chosen: dict[str, float], how: str, refere
         table["note"] = [noops.get(m, "") for m in table["method"]]
     base = table["method"].map(noops).eq(BASE_MODEL)  # the reference: last, unranked
     table = table.assign(base=base).sort_values(["base", "mean Δacc"], ascending=[True, False], kind="stable")
+    rank = pd.Series(np.arange(1, len(table) + 1), index=table.index, dtype="Int64")
+    table.insert(0, "rank", rank.mask(table["base"]))
     table = table.drop(columns="base").reset_index(drop=True)
-    table.insert(0, "rank", pd.array([i + 1 if not b else pd.NA for i, b in enumerate(sorted(base))], dtype="Int64"))
     return table
 
 
