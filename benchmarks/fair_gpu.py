@@ -6,9 +6,9 @@ samples.parquet); a job with a run.json is done and skipped. Workers take whole 
 (every method of one configuration in turn: its corrupted images are generated once), validation
 configurations first. A job whose model package is not installed yet is put back and retried (the
 weights can arrive in a later call). At the deadline no new job starts; one that started finishes.
---pack writes OUT/runs.tgz (run.json + summary.csv of every finished run) and OUT/rows.parquet
-(every scored sample's rows, with the job key); `tta-bench leaderboard --runs DIR` reads the
-unpacked run folders."""
+--status runs nothing: it prints what each configuration still lacks. --pack writes OUT/runs.tgz
+(run.json + summary.csv of every finished run) and OUT/rows.parquet (every scored sample's rows,
+with the job key); `tta-bench leaderboard --runs DIR` reads the unpacked run folders."""
 from __future__ import annotations
 
 import argparse
@@ -195,6 +195,17 @@ def complete_view(runs: Path, view: Path, published: Path, specs: list[Path] = (
     return left_out + ([f"{superseded} run(s) that are no job of {', '.join(map(str, specs))}"] if superseded else [])
 
 
+def print_status(by_config: dict[str, list], done: set[str]) -> None:
+    """Each configuration's finished/total jobs and the method labels it still lacks, then a count."""
+    complete = 0
+    for js in sorted(by_config.values(), key=lambda js: js[0].label):
+        missing = [j.label.split(" · ")[1] for j in js if j.key not in done]
+        complete += not missing
+        if missing:
+            print(f"{js[0].label.split(' · ')[0]}: {len(js) - len(missing)}/{len(js)}, lacks {', '.join(missing)}")
+    print(f"{complete} of {len(by_config)} configurations complete")
+
+
 def _config_key(job) -> str:
     return str(sorted(job.config["task_options"].items()))
 
@@ -213,6 +224,8 @@ def main() -> int:
                     help="only configurations with a finished job (new methods join the configurations scored so far)")
     ap.add_argument("--scored", action="store_true",
                     help="only configurations where every job outside --only has finished (the ones the tables score)")
+    ap.add_argument("--status", action="store_true",
+                    help="run nothing: print each chosen configuration's finished/total jobs and what it lacks")
     args = ap.parse_args()
     from tta_bench.sweeps.spec import jobs_from_spec, load_spec
 
@@ -230,8 +243,6 @@ def main() -> int:
     jobs = chosen
     if args.skip:
         jobs = [j for j in jobs if not any(s in j.label for s in args.skip.split(";"))]
-    if args.runs.is_dir():
-        set_aside_superseded(args.runs)
     by_config: dict[str, list] = defaultdict(list)
     for job in jobs:
         by_config[_config_key(job)].append(job)
@@ -239,6 +250,11 @@ def main() -> int:
         by_config = {c: js for c, js in by_config.items() if c in started}
     if args.scored:
         by_config = {c: js for c, js in by_config.items() if c not in unfinished}
+    if args.status:
+        print_status(by_config, done)
+        return 0
+    if args.runs.is_dir():
+        set_aside_superseded(args.runs)
     # validation first; then the configurations closest to complete (a resumed sweep finishes them first)
     queue = sorted(by_config.values(), key=lambda js: (priority(js[0].config)[0], -sum(j.key in done for j in js),
                                                        priority(js[0].config)))

@@ -277,6 +277,8 @@ def test_the_base_model_is_the_unranked_reference_row(tmp_path):
     holm = stats.holm([stats.wilcoxon_greater(np.array(d)) for d in ([3.0, 4.0, 5.0, 6.0], [1.5] * 4)])
     np.testing.assert_allclose(read(out, "methods").set_index("method").loc[["ifo", "entropy"], "p Wilcoxon (Holm)"],
                                holm)
+    assert "ranked beside the methods as the reference (Δacc 0 on every configuration): none" in (
+        out / "toy" / "friedman.md").read_text()
 
 
 def test_only_configurations_every_ranked_method_ran_on_are_scored(tmp_path):
@@ -398,3 +400,23 @@ def test_pack_new_only_leaves_out_the_committed_runs_but_not_a_rerun(tmp_path):
     with tarfile.open(tmp_path / "pk" / "runs.tgz") as tar:
         assert sorted(tar.getnames()) == ["b/run.json", "b/summary.csv", "c/run.json", "c/summary.csv"]
     assert list(pd.read_parquet(tmp_path / "pk" / "rows.parquet")["job"]) == ["b", "c"]
+
+
+def test_status_prints_what_each_configuration_lacks_and_runs_nothing(tmp_path, capsys, monkeypatch):
+    import json
+
+    from tta_bench.sweeps.spec import jobs_from_spec, load_spec
+    fair_gpu = load_fair_gpu()
+    toml = tmp_path / "spec.toml"
+    toml.write_text('name = "s"\n[[tasks]]\nname = "cifar10"\ncorruption = ["fog", "snow"]\n'
+                    '[[methods]]\nname = "ifo"\n[[methods]]\nname = "tent"\n')
+    jobs = jobs_from_spec(load_spec(toml))[0]
+    finished = [j for j in jobs if "fog" in j.label or "ifo" in j.label]
+    for job in finished:
+        (tmp_path / "runs" / job.key).mkdir(parents=True)
+        (tmp_path / "runs" / job.key / "run.json").write_text(json.dumps({"config": job.config}))
+    monkeypatch.setattr("sys.argv", ["fair_gpu", str(toml), "--runs", str(tmp_path / "runs"), "--status"])
+    assert fair_gpu.main() == 0
+    assert capsys.readouterr().out.splitlines() == ["cifar10(corruption=snow): 1/2, lacks tent",
+                                                    "1 of 2 configurations complete"]
+    assert len(list((tmp_path / "runs").iterdir())) == len(finished)

@@ -137,8 +137,11 @@ def task_report(task: str, task_runs: pd.DataFrame, at_d: pd.DataFrame, choice: 
         figures["learning_rates"] = plots.lr_plot(by_lr, folder / "delta_vs_lr.png", chosen)
     if (fr := friedman_table(at_lr)) is not None:
         table, result = fr
+        base = [m for m in table["method"] if noops.get(m) == BASE_MODEL]
         tables["friedman"] = Table(table, f"{head}. Friedman χ² = {result.statistic:.3g}, p = {result.p:.3g}; "
-                                          f"Nemenyi critical difference (α = 0.05) = {result.cd:.3g}.")
+                                          f"Nemenyi critical difference (α = 0.05) = {result.cd:.3g}"
+                                          + (f"; ranked beside the methods as the reference (Δacc 0 on every "
+                                             f"configuration): {', '.join(base)}" if base else "") + ".")
         figures["friedman"] = plots.cd_diagram(table, result.cd, folder / "cd.png")
     if not (th := threshold_table(split_validation(task_runs)[0], chosen)).empty:
         tables["thresholds"] = Table(th, f"{task}: Δacc and frac_uncertain vs threshold d; {selection.caption()}.")
