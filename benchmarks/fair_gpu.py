@@ -199,10 +199,10 @@ def print_status(by_config: dict[str, list], done: set[str]) -> None:
     """Each configuration's finished/total jobs and the method labels it still lacks, then a count."""
     complete = 0
     for js in sorted(by_config.values(), key=lambda js: js[0].label):
-        missing = [j.label.split(" · ")[1] for j in js if j.key not in done]
+        missing = [j.parts[1] for j in js if j.key not in done]
         complete += not missing
         if missing:
-            print(f"{js[0].label.split(' · ')[0]}: {len(js) - len(missing)}/{len(js)}, lacks {', '.join(missing)}")
+            print(f"{js[0].parts[0]}: {len(js) - len(missing)}/{len(js)}, lacks {', '.join(missing)}")
     print(f"{complete} of {len(by_config)} configurations complete")
 
 

@@ -92,6 +92,8 @@ def task_report(task: str, task_runs: pd.DataFrame, at_d: pd.DataFrame, choice: 
     n_configs = f"{task}: {main['configuration'].nunique()} configuration(s), d = {d}"
     head = f"{n_configs}; {selection.caption()}"
     noops = no_ops(at_lr, choice.noop_everywhere)
+    base = [m for m, w in noops.items() if w == BASE_MODEL]  # the unranked reference
+    no_op = [m for m in noops if m not in base]
     methods = method_table(at_lr, chosen, selection.label(), reference, noops, choice.fixed)
     order = list(methods["method"])
     too_few = f" ({TOO_FEW_CI})" if (methods["configs"] < MIN_CI).any() else ""
@@ -110,9 +112,8 @@ def task_report(task: str, task_runs: pd.DataFrame, at_d: pd.DataFrame, choice: 
         + ("; s per scored sample: wall seconds per uncertain (scored) sample" if "s/sample" in methods else "")
         + (" (selection: of them, choosing the data to fine-tune on)" if "select s/sample" in methods else "")
         + (f". No-op (changed no prediction on any configuration; excluded from the Holm family): "
-           f"{', '.join(no_op)}" if (no_op := [m for m, w in noops.items() if w != BASE_MODEL]) else "")
-        + (f". {', '.join(base)}: {BASE_MODEL}, not tested"
-           if (base := [m for m, w in noops.items() if w == BASE_MODEL]) else "")
+           f"{', '.join(no_op)}" if no_op else "")
+        + (f". {', '.join(base)}: {BASE_MODEL}, not tested" if base else "")
         + (f". Not tuned (no validation runs; one setting, scored as run): {', '.join(sorted(untuned))}"
            if (untuned := choice.fixed - set(base)) else "") + "."), view)}
     if choice.families is not None:
@@ -137,7 +138,6 @@ def task_report(task: str, task_runs: pd.DataFrame, at_d: pd.DataFrame, choice: 
         figures["learning_rates"] = plots.lr_plot(by_lr, folder / "delta_vs_lr.png", chosen)
     if (fr := friedman_table(at_lr)) is not None:
         table, result = fr
-        base = [m for m in table["method"] if noops.get(m) == BASE_MODEL]
         tables["friedman"] = Table(table, f"{head}. Friedman χ² = {result.statistic:.3g}, p = {result.p:.3g}; "
                                           f"Nemenyi critical difference (α = 0.05) = {result.cd:.3g}"
                                           + (f"; ranked beside the methods as the reference (Δacc 0 on every "

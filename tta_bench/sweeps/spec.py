@@ -54,12 +54,18 @@ class Job:
         self.key = job_key(self.config)
 
     @property
-    def label(self) -> str:
+    def parts(self) -> tuple[str, str]:
+        """(configuration label, method label), as the job's run records them."""
         from tta_bench.storage.tracking import configuration_label, method_label
         c = self.config
         as_run = {"task": c["task"], "task_options": c["task_options"], "method": c["method"],
                   "hparams": c["hparams"], "protocol": c["protocol"]}
-        return (f"{configuration_label(as_run)} · {method_label(as_run)} · d={c['protocol']['threshold']}"
+        return configuration_label(as_run), method_label(as_run)
+
+    @property
+    def label(self) -> str:
+        c = self.config
+        return (f"{' · '.join(self.parts)} · d={c['protocol']['threshold']}"
                 f" · seed={c['options']['seed']} · {len(c['protocol']['lrs'])} lr")
 
 
