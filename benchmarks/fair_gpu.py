@@ -150,10 +150,11 @@ def complete_view(runs: Path, view: Path, published: Path, specs: list[Path] = (
     """Fill `view` with links to the run folders of `runs` that a leaderboard can score together
     with the published one (`published`: its runs table): every run of the method variants it
     ranks, every validation run (the held-out choice sees every candidate), and the test runs of
-    each new variant that has one on every test configuration the table scores (a variant missing
-    some would take those configurations out of every method's score; if it is its family's
-    held-out choice, the family waits, named in the leaderboard's notes). With `specs`, only runs
-    that are jobs of these sweep specs (a configuration a spec no longer has is superseded).
+    each new variant that has one on every test configuration the table scores or that is no
+    family's held-out choice in the published selection table (it is not ranked; its runs feed the
+    every-candidate oracle only). A held-out choice missing some would take those configurations
+    out of every method's score: its family waits, named in the leaderboard's notes. With `specs`,
+    only runs that are jobs of these sweep specs (a configuration a spec no longer has is superseded).
     Returns what is left out: the new variants whose test runs wait, with their counts, and the
     number of superseded runs."""
     import json
@@ -171,6 +172,8 @@ def complete_view(runs: Path, view: Path, published: Path, specs: list[Path] = (
     at_d = table[(pd.to_numeric(table["threshold"]) == 0.16) & (table["option.subset"] != "val")]
     known = set(at_d["method"])  # the variants the table ranks (not those with validation runs only)
     scored = set.intersection(*(set(g) for _, g in at_d.groupby("method")["configuration"]))  # where all ran
+    choices = published.parent / "selection.csv"  # without one, every new variant may be a choice
+    ranked = set(pd.read_csv(choices)["held-out variant"]) if choices.is_file() else None
     shutil.rmtree(view, ignore_errors=True)
     view.mkdir(parents=True)
     new: dict[str, dict[str, Path]] = defaultdict(dict)  # variant -> configuration -> folder
@@ -187,7 +190,7 @@ def complete_view(runs: Path, view: Path, published: Path, specs: list[Path] = (
             new[variant][configuration_label(config)] = record.parent
     left_out = []
     for variant, configs in sorted(new.items()):
-        if scored <= set(configs):
+        if scored <= set(configs) or (ranked is not None and variant not in ranked):
             for folder in configs.values():
                 (view / folder.name).symlink_to(folder.resolve())
         else:

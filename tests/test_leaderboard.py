@@ -317,5 +317,5 @@ def test_the_published_leaderboard_rebuilds_from_its_runs_tables(tmp_path, monke
         rebuilt = {p.name for p in (tmp_path / task).iterdir()}
         assert {p.name for p in table.parent.iterdir()} == rebuilt, task  # nothing stale, nothing missing
         for name in sorted(n for n in rebuilt if n.endswith(".csv")):
-            before, now = pd.read_csv(table.parent / name), pd.read_csv(tmp_path / task / name)
+            before, now = (pd.read_csv(f, low_memory=False) for f in (table.parent / name, tmp_path / task / name))
             pd.testing.assert_frame_equal(before, now, check_exact=False, rtol=1e-9, obj=f"{task}/{name}")

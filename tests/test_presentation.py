@@ -256,3 +256,27 @@ def test_the_clean_datas_severity_is_no_severity(tmp_path):
         "corruption=contrast", "corruption=fog", "corruption=none", "corruption=snow"]  # the keys' order
     assert "clean + 3 of the 15 standard CIFAR-10-C corruptions (snow, fog, contrast) at severity 5" in (
         out / "LEADERBOARD.md").read_text()
+
+
+def test_seconds_per_sample_compare_within_a_device(tmp_path):
+    """Runs of one table on a GPU and on a CPU: the cost column gives each device's mean, never
+    their mixture (a method run only on the CPU would look 10× slower than one run on the GPU)."""
+    rows = [run(m, 1.0 + (m == "ifo"), corruption=c, severity="5")
+            | {"device": device, "seconds_per_sample": seconds * (2 if m == "entropy" else 1)}
+            for m in METHODS for c, device, seconds in (("fog", "NVIDIA H200", 0.1), ("frost", "NVIDIA H200", 0.3),
+                                                        ("snow", "CPU", 1.0))]
+    rows = [r for r in rows if not (r["method"] == "entropy" and r["device"] == "CPU")] + [
+        run("entropy", 1.0, corruption="snow", severity="5") | {"device": "CPU", "seconds_per_sample": 3.0}]
+    out = leaderboard(tmp_path, rows)
+    head = shown(out, "headline").set_index("method")
+    assert head.loc["ifo", "s per scored sample"] == "0.2 NVIDIA H200 · 1 CPU"  # most runs first
+    assert head.loc["entropy", "s per scored sample"] == "0.4 NVIDIA H200 · 3 CPU"
+    data = read(out, "headline").set_index("method")
+    assert data.loc["ifo", ["s/sample NVIDIA H200", "s/sample CPU"]].tolist() == pytest.approx([0.2, 1.0])
+    text = (out / "cifar10" / "headline.md").read_text()
+    assert "mean over the configurations run on each device (NVIDIA H200, CPU): compare them within a device" in text
+    assert "devices: CPU, NVIDIA H200" in (out / "LEADERBOARD.md").read_text()
+    # one device: one number, as before
+    one = leaderboard(tmp_path, [r | {"device": "CPU"} for r in rows], "one")
+    assert shown(one, "headline").set_index("method").loc["ifo", "s per scored sample"] == "0.467"
+    assert "compare them within a device" not in (one / "cifar10" / "headline.md").read_text()

@@ -30,6 +30,7 @@ def test_run_folders_give_the_rows_mlflow_gives(tmp_path):
             np.testing.assert_allclose(read[m].astype(float), logged[m].astype(float), rtol=1e-9, err_msg=m)
     assert read["hp.weighted"].tolist() == logged["hp.weighted"].tolist()
     assert read["source"].notna().all() and read["parent"].notna().all()  # a sweep of 2 lrs: its folder
+    assert set(read["device"]) == set(logged["device"]) == {"CPU"}  # what ran them, for the cost columns
 
 
 def test_a_folder_without_runs_or_with_a_damaged_run_is_one_line(tmp_path):

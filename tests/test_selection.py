@@ -151,6 +151,32 @@ def test_the_choice_is_the_argmax_of_the_validation_mean_with_the_tie_rule(tmp_p
     assert tuple(sel.loc["tent", ["held-out variant", "held-out lr"]]) == val.idxmax()
 
 
+def test_the_every_candidate_oracle_sees_a_variant_that_ran_on_part_of_the_test_configurations(tmp_path):
+    """The oracle column ranks the candidates run on every test configuration; a candidate with
+    runs on only some of them (a sweep not yet complete) still counts in the every-candidate
+    oracle, on the configurations all candidates ran on, beside the held-out choice's mean there."""
+    partial = [r for r in grid("tent(norm_stats=sample)", 0.01, [5.0, 7.0, 0.0, 0.0], [2.0, 2.0])
+               if r["configuration"] not in TEST[2:]]
+    rows = [*grid("tent", 0.01, [1.0, 1.0, 2.0, 2.0], [3.0, 3.0]), *partial,
+            *grid("ifo", 0.01, [3.0, 4.0, 5.0, 6.0], [4.0, 4.0]), *grid("ifo", 0.1, [1.0] * 4, [1.0, 1.0])]
+    out = leaderboard(tmp_path, rows, "heldout")
+    sel = read(out, "selection").set_index("family")
+    assert sel.loc["tent", ["oracle variant", "oracle lr", "regret"]].tolist() == ["tent", 0.01, 0.0]
+    assert sel.loc["tent", ["every-candidate oracle variant", "every-candidate oracle lr",
+                            "every-candidate configs"]].tolist() == ["tent(norm_stats=sample)", 0.01, 2]
+    assert sel.loc["tent", "every-candidate oracle mean Δacc"] == pytest.approx(6.0)
+    assert sel.loc["tent", "every-candidate held-out mean Δacc"] == pytest.approx(1.0)
+    assert sel.loc["tent", "every-candidate regret"] == pytest.approx(5.0)
+    # complete candidates: the two oracles agree
+    assert sel.loc["ifo", ["every-candidate oracle variant", "every-candidate oracle lr", "every-candidate configs"]
+                   ].tolist() == ["ifo", 0.01, 4]
+    assert sel.loc["ifo", "every-candidate regret"] == sel.loc["ifo", "regret"] == 0.0
+    view = shown(out, "selection")
+    assert view.loc["tent", "every candidate, best on test ⚠ (test configs)"] == "tent(norm_stats=sample) @ 0.01: +6.00 (2)"
+    assert view.loc["tent", "held-out there, regret"] == "+1.00, +5.00"
+    assert "the two oracles agree once every candidate has run" in (out / "toy" / "selection.md").read_text()
+
+
 def test_families_follow_the_scoring_hyperparameters(tmp_path):
     rows = [*grid("pasle", 5e-5, [1.0] * 4, [1.0, 1.0]),
             *grid("pasle(tau=0.08)", 5e-5, [0.5] * 4, [2.0, 2.0]),  # a variant of pasle: chosen on validation
@@ -309,7 +335,8 @@ def test_validation_captions_name_a_default_option_too():
 def test_a_new_variant_is_scored_only_on_every_configuration_the_published_table_scores(tmp_path):
     """benchmarks/fair_gpu.complete_view: a method variant the published table does not rank
     joins with its test runs only once they cover every configuration the table scores (fewer
-    would take the others out of every method's score); its validation runs always count."""
+    would take the others out of every method's score) unless the published selection table shows
+    it is no held-out choice; its validation runs always count."""
     import json
 
     from tta_bench.storage.tracking import PROTOCOL_DEFAULTS
@@ -335,9 +362,17 @@ def test_a_new_variant_is_scored_only_on_every_configuration_the_published_table
     run("d", "deyo", "fog", subset="val")
     run("e", "eata", "snow")
     run("f", "eata", "fog", subset="val")
+    run("g", "eata", "snow", memory="none")
+    left = fair_gpu.complete_view(tmp_path / "runs", tmp_path / "view", tmp_path / "runs.csv")
+    assert left == ["eata (test runs on 0 of 1)", "eata(memory=none) (test runs on 0 of 1)"]
+    assert sorted(p.name for p in (tmp_path / "view").iterdir()) == ["a", "b", "c", "d", "f"]
+    # beside a published selection table: a variant that is no family's held-out choice is never
+    # ranked, so its test runs join wherever they are (for the every-candidate oracle)
+    pd.DataFrame({"family": ["ifo", "tent", "eata"], "held-out variant": ["ifo", "tent", "eata"]}).to_csv(
+        tmp_path / "selection.csv", index=False)
     left = fair_gpu.complete_view(tmp_path / "runs", tmp_path / "view", tmp_path / "runs.csv")
     assert left == ["eata (test runs on 0 of 1)"]
-    assert sorted(p.name for p in (tmp_path / "view").iterdir()) == ["a", "b", "c", "d", "f"]
+    assert sorted(p.name for p in (tmp_path / "view").iterdir()) == ["a", "b", "c", "d", "f", "g"]
 
 
 def test_runs_that_are_no_job_of_the_published_specs_are_left_out(tmp_path):

@@ -32,6 +32,7 @@ from tta_bench.reporting.tables import (
     at_chosen,
     configuration_table,
     corruption_table,
+    devices,
     friedman_table,
     headline_table,
     lr_grid,
@@ -110,6 +111,8 @@ def task_report(task: str, task_runs: pd.DataFrame, at_d: pd.DataFrame, choice: 
         + (f"; source acc and Δacc, all {unit}: over every one of a configuration's {unit} (not only the "
            f"uncertain ones), mean over the configurations" if "Δacc all" in methods else "")
         + ("; s per scored sample: wall seconds per uncertain (scored) sample" if "s/sample" in methods else "")
+        + (f", mean over the configurations run on each device ({', '.join(ds)}): compare them within a device"
+           if (ds := devices(at_lr)) and "s/sample" in methods else "")
         + (" (selection: of them, choosing the data to fine-tune on)" if "select s/sample" in methods else "")
         + (f". No-op (changed no prediction on any configuration; excluded from the Holm family): "
            f"{', '.join(no_op)}" if no_op else "")
@@ -121,8 +124,12 @@ def task_report(task: str, task_runs: pd.DataFrame, at_d: pd.DataFrame, choice: 
         tables["selection"] = Table(data, (
             f"{n_configs}; {selection.caption(named)}. Per family: the held-out choice with its mean "
             f"Δacc over the validation configurations and over the test configurations; the oracle ({ORACLE}): "
-            f"the same candidates ranked by their mean Δacc on the test configurations (optimistic, never used "
-            f"for the ranking); regret = oracle test mean − held-out test mean (points)."), view)
+            f"the candidates run on every test configuration ranked by their mean Δacc there (optimistic, never "
+            f"used for the ranking); regret = oracle test mean − held-out test mean (points). Every candidate: "
+            f"the oracle over all of the family's candidates (each variant and lr run on every validation "
+            f"configuration) on the test configurations where each has a run (their number in brackets), the "
+            f"held-out choice's mean there and its regret; the two oracles agree once every candidate has run "
+            f"on every test configuration."), view)
     axes = option_axes(at_lr)
     for axis in axes:
         tables.update(axis_tables(at_lr, axis, axes, order, head))
@@ -189,7 +196,8 @@ def provenance(task_runs: pd.DataFrame, at_lr: pd.DataFrame, origin: dict[str, s
     """Where a task's numbers come from: the store selection (origin), the runs' own tags and the
     validation configurations (held out: only held-out selection reads them)."""
     def distinct(column: str, width: int | None = None) -> str:  # width: commits and hashes, shortened
-        return ", ".join(sorted({str(v)[:width] for v in task_runs[column].dropna()})) or "not recorded"
+        values = task_runs[column].dropna() if column in task_runs else []  # older runs tables lack newer tags
+        return ", ".join(sorted({str(v)[:width] for v in values})) or "not recorded"
 
     start = pd.to_datetime(task_runs["start"], utc=True)
     parents = task_runs["parent"].nunique()  # learning-rate sweeps; one-lr runs have none
@@ -204,5 +212,5 @@ def provenance(task_runs: pd.DataFrame, at_lr: pd.DataFrame, origin: dict[str, s
                 task_runs)[1])) else ""),
             "validation configurations": "; ".join(validation),
             "runs started": f"{start.min():%Y-%m-%d %H:%M} to {start.max():%Y-%m-%d %H:%M} UTC",
-            "tta-bench": distinct("tta-bench"), "torch": distinct("torch"),
+            "tta-bench": distinct("tta-bench"), "torch": distinct("torch"), "devices": distinct("device"),
             "git commit": distinct("commit", 12), "source sha256": distinct("source", 12)}

@@ -26,7 +26,8 @@ METRICS = ("delta_acc", "n_fixed", "n_broken", "n_total", "n_uncertain", "frac_u
            "n_changed", "n_updated", "acc_source_all", "acc_adapted_all", "delta_acc_all", "seconds_per_sample",
            "select_seconds_per_sample")  # of seconds_per_sample: choosing data to step on (retrieval)
 PROVENANCE_TAGS = {"parent": "mlflow.parentRunId", "tta-bench": "tta_bench.version", "torch": "version.torch",
-                   "commit": "mlflow.source.git.commit", "source": "tta_bench.source_sha256"}
+                   "commit": "mlflow.source.git.commit", "source": "tta_bench.source_sha256",
+                   "device": "device_name"}  # the CPU's is its architecture: see device_label
 KEY = ["configuration", "method", "lr", "threshold"]  # one run counts per key: the latest
 RUNS_TABLE = "runs.csv"  # a build's whole input, per task: rebuild or merge without the store
 FROM = "runs_table"  # the runs table a run was read from (none: the store)
@@ -79,6 +80,8 @@ def load_runs(uri: str | None, experiment: str, parent: str | None = None,
         "run_id": raw["run_id"], "start": raw["start_time"],
         **{m: raw.get(f"metrics.{m}", math.nan) for m in METRICS},
         **{k: raw.get(f"tags.{tag}") for k, tag in PROVENANCE_TAGS.items()},
+        "device": [device_label(k, n) for k, n in zip(raw.get("tags.device", [None] * len(raw)),
+                                                      raw.get("tags.device_name", [None] * len(raw)), strict=True)],
         **{OPTION + c.removeprefix("params.task."): raw[c] for c in raw.columns if c.startswith("params.task.")},
         **{HP + c.removeprefix("params.hp."): raw[c] for c in raw.columns if c.startswith("params.hp.")},
     })
@@ -172,6 +175,7 @@ def folder_runs(folder: Path, parent: str | None = None) -> pd.DataFrame:
                     "parent": run.name if len(summary) > 1 else None,
                     "tta-bench": meta["versions"].get("tta-bench"), "torch": meta["versions"].get("torch"),
                     "commit": meta.get("git_commit"), "source": meta.get("source_sha256"),
+                    "device": device_label(meta.get("device"), meta.get("device_name")),
                     **{OPTION + k: v for k, v in text.items()}, **{HP + k: v for k, v in hp.items()}}
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise TTAError(f"--runs: {run} is not a readable run folder ({first_line(err)}); re-run it or "
@@ -181,6 +185,13 @@ def folder_runs(folder: Path, parent: str | None = None) -> pd.DataFrame:
                          **{m: s.get(m, math.nan) for m in METRICS}})
     df = pd.DataFrame(rows).assign(**{FROM: str(folder)})
     return df if parent is None else df[df["parent"] == parent]
+
+
+def device_label(kind: str | None, name: str | None) -> str | None:
+    """What ran a run, as the cost columns compare it: `CPU`, or the accelerator's name."""
+    if kind is None or pd.isna(kind):
+        return None
+    return "CPU" if kind == "cpu" else name
 
 
 def complete(runs: pd.DataFrame) -> pd.DataFrame:

@@ -130,7 +130,8 @@ def choose_heldout(test: pd.DataFrame, val: pd.DataFrame, validation: list[str])
                      "validation configs": len(validation), "validation mean Δacc": c.at[(variant, lr), "mean"],
                      "test configs": on_test["configs"].get((variant, lr), 0), "test mean Δacc": test_mean,
                      "oracle variant": oracle[0], "oracle lr": oracle[1], "oracle test mean Δacc": oracle_mean,
-                     "regret": oracle_mean - test_mean, "note": NOOP_EVERYWHERE if noop else ""})
+                     "regret": oracle_mean - test_mean, **_every_candidate(test, c.index, (variant, lr)),
+                     "note": NOOP_EVERYWHERE if noop else ""})
         if math.isnan(test_mean):
             no_test.append(f"{family} ({variant} @ {lr:g})")
         else:
@@ -145,7 +146,8 @@ def choose_heldout(test: pd.DataFrame, val: pd.DataFrame, validation: list[str])
         rows.append({"family": family, "held-out variant": variant, "held-out lr": lr, "validation configs": 0,
                      "validation mean Δacc": math.nan, "test configs": on_test.at[(variant, lr), "configs"],
                      "test mean Δacc": test_mean, "oracle variant": variant, "oracle lr": lr,
-                     "oracle test mean Δacc": test_mean, "regret": 0.0, "note": FIXED})
+                     "oracle test mean Δacc": test_mean, "regret": 0.0,
+                     **_every_candidate(test, pd.Index([(variant, lr)]), (variant, lr)), "note": FIXED})
     chosen_families |= set(fixed)
     base = not_adapting(test)  # the base model: a row in the headline, nothing chosen for the selection table
     rows = [r for r in rows if r["held-out variant"] not in base]
@@ -167,6 +169,27 @@ def incomplete_configurations(at_lr: pd.DataFrame, chosen: dict[str, float]) -> 
     """Configuration -> the ranked methods without a run at their lr on it (a partly finished sweep)."""
     have = at_lr.groupby("configuration")["method"].agg(set)
     return {c: ", ".join(sorted(set(chosen) - ms)) for c, ms in have.items() if set(chosen) - ms}
+
+
+def _every_candidate(test: pd.DataFrame, candidates: pd.Index, chosen: tuple[str, float]) -> dict:
+    """The oracle over every candidate of a family (each (variant, lr) run on every validation
+    configuration), on the test configurations where each of them has a scored run, and the
+    held-out choice's mean and regret on the same ones: exact over the candidates, on fewer
+    configurations while some candidates ran on only part of the test configurations."""
+    runs = test[np.isfinite(test["delta_acc"])]
+    per = runs.groupby(["method", "lr", "configuration"])["delta_acc"].mean()
+    configs = [set(per.loc[k].index) if k in per.index.droplevel("configuration") else set() for k in candidates]
+    common = sorted(set.intersection(*configs)) if configs else []
+    if not common:
+        return {"every-candidate configs": 0, "every-candidate oracle variant": None,
+                "every-candidate oracle lr": math.nan, "every-candidate oracle mean Δacc": math.nan,
+                "every-candidate held-out mean Δacc": math.nan, "every-candidate regret": math.nan}
+    means = pd.DataFrame({"mean": [per.loc[k].loc[common].mean() for k in candidates]}, index=candidates)
+    oracle = _argmax(means)
+    return {"every-candidate configs": len(common), "every-candidate oracle variant": oracle[0],
+            "every-candidate oracle lr": oracle[1], "every-candidate oracle mean Δacc": means.at[oracle, "mean"],
+            "every-candidate held-out mean Δacc": means.at[chosen, "mean"],
+            "every-candidate regret": means.at[oracle, "mean"] - means.at[chosen, "mean"]}
 
 
 def _per_variant(runs: pd.DataFrame) -> pd.DataFrame:

@@ -80,6 +80,9 @@ def method_table(at_lr: pd.DataFrame, chosen: dict[str, float], how: str, refere
             row.update({column: g[metric].mean() for column, metric in BPB.items()})
         row.update({column: g[metric].mean() for column, metric in {**SECONDS, **WHOLE}.items()
                     if has(at_lr, metric)})
+        if devices(at_lr) and has(at_lr, SECONDS["s/sample"]):  # seconds compare within a device only
+            row.update({f"s/sample {device}": g.loc[g["device"] == device, SECONDS["s/sample"]].mean()
+                        for device in devices(at_lr)})
         if selects(at_lr):
             row["select s/sample"] = g[SELECT["select s/sample"]].mean()
         rows.append(row)
@@ -161,10 +164,17 @@ def friedman_table(at_lr: pd.DataFrame) -> tuple[pd.DataFrame, stats.Friedman] |
     return table.reset_index(drop=True), result
 
 
+def devices(runs: pd.DataFrame) -> list[str]:
+    """The devices the runs ran on, most runs first, where there are several (else none)."""
+    found = runs["device"].value_counts() if "device" in runs else pd.Series(dtype=int)
+    return list(found.index) if len(found) > 1 else []
+
+
 def headline_table(methods: pd.DataFrame, unit: str = "images") -> tuple[pd.DataFrame, pd.DataFrame]:
     """The answer first: per method its rank, lr and how it was chosen, mean Δacc with its CI,
     wins/losses over configurations, Holm-adjusted p and cost. Returns (raw numbers, view)."""
-    extra = [c for c in ("note", *WHOLE, *SECONDS, *SELECT) if c in methods]
+    by_device = [c for c in methods if c.startswith("s/sample ")]
+    extra = [c for c in ("note", *WHOLE, *SECONDS, *by_device, *SELECT) if c in methods]
     data = methods[["rank", "method", "lr", "lr chosen", "mean Δacc", "CI95 low", "CI95 high", "Δacc>0",
                     "Δacc<0", HEADLINE_P, "fwd/sample", "bwd/sample", *extra]].reset_index(drop=True)
     ci = [f" [{lo:+.2f}, {hi:+.2f}]" if np.isfinite([lo, hi]).all() else " [–]"
@@ -190,7 +200,11 @@ def headline_table(methods: pd.DataFrame, unit: str = "images") -> tuple[pd.Data
                                ("source acc all (%)", f"source acc, all {unit} (%)", "{:.2f}")):
         if column in data:
             view.insert(at, shown, ["–" if pd.isna(x) else fmt.format(x) for x in data[column]])
-    if "s/sample" in data:
+    if by_device:  # runs on several devices: each one's seconds, not their mixture
+        view["s per scored sample"] = [" · ".join(f"{or_dash(row[c], 's/sample')} {c.removeprefix('s/sample ')}"
+                                                  for c in by_device if pd.notna(row[c])) or "–"
+                                       for _, row in data.iterrows()]
+    elif "s/sample" in data:
         view["s per scored sample"] = [or_dash(x, "s/sample") for x in data["s/sample"]]
     if "select s/sample" in data:  # retrieval: of which choosing the data
         view["s per scored sample"] = [f"{total} (selection {or_dash(sel, 's/sample')})" if sel > 0 else total
@@ -201,7 +215,8 @@ def headline_table(methods: pd.DataFrame, unit: str = "images") -> tuple[pd.Data
 
 def selection_table(choices: pd.DataFrame, order: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Held-out selection per method family: the choice and its validation and test means, the
-    oracle (the same candidates ranked on the test configurations) and the regret. Rows in the
+    oracle (the candidates run on every test configuration, ranked there) and the regret, and the
+    oracle over every candidate on the test configurations they all ran on. Rows in the
     headline's order of the chosen variants. Returns (raw, view)."""
     rank = {m: i for i, m in enumerate(order)}
     data = choices.sort_values("held-out variant", key=lambda v: v.map(rank).fillna(len(rank)), kind="stable")
@@ -220,6 +235,13 @@ def selection_table(choices: pd.DataFrame, order: list[str]) -> tuple[pd.DataFra
         f"oracle: {ORACLE}": [pick(v, lr) for v, lr in zip(data["oracle variant"], data["oracle lr"], strict=True)],
         "oracle test mean Δacc": [_signed(x) for x in data["oracle test mean Δacc"]],
         "regret": [_signed(x) for x in data["regret"]],
+        f"every candidate, {ORACLE} (test configs)": [
+            "–" if n == 0 else f"{pick(v, lr)}: {_signed(m)} ({n:.0f})" for v, lr, m, n in zip(
+                data["every-candidate oracle variant"], data["every-candidate oracle lr"],
+                data["every-candidate oracle mean Δacc"], data["every-candidate configs"], strict=True)],
+        "held-out there, regret": ["–" if n == 0 else f"{_signed(h)}, {_signed(r)}" for h, r, n in zip(
+            data["every-candidate held-out mean Δacc"], data["every-candidate regret"],
+            data["every-candidate configs"], strict=True)],
     })
 
 
