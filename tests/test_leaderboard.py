@@ -268,6 +268,33 @@ def test_a_build_rebuilds_from_its_runs_table_alone(store, tmp_path, monkeypatch
     assert f"result runs from `{runs}`" in md and "experiment `lb`" not in md
 
 
+def test_each_task_writes_only_its_own_columns_in_an_order_independent_of_its_runs(tmp_path, monkeypatch):
+    """Two tasks read together (run folders of both): each runs.csv has its own options and
+    hyperparameters only, and the same runs in another order write the same bytes."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    def row(task: str, method: str, delta: float, **extra) -> dict:
+        return {"task": task, "configuration": task, "method": method, "method_name": method, "lr": 0.01,
+                "threshold": 0.16, "start": "2026-01-01 00:00:00+00:00", "delta_acc": delta, "n_fixed": 1,
+                "n_broken": 0, "n_total": 10, "n_uncertain": 5, "frac_uncertain": 0.5, "acc_source": 50.0,
+                "acc_adapted": 50.0 + delta, "forwards_per_sample": 3.0, "backwards_per_sample": 1.0,
+                "samples_per_s": 1.0, **extra}
+    rows = [row("img", "ifo", 1.0, **{"option.corruption": "fog", "hp.weighted": "false"}),
+            row("img", "tent", 2.0, **{"option.corruption": "fog", "hp.norm_stats": "source"}),
+            row("txt", "ifo", 0.5, **{"option.corpus": "licenses", "bpb": 1.2})]
+    built = []
+    for name, order in (("a", rows), ("b", rows[::-1])):
+        frame = pd.DataFrame(order)
+        frame = frame[list(frame.columns)[::-1] if name == "b" else list(frame.columns)]
+        frame.to_csv(tmp_path / f"{name}.csv", index=False)
+        assert main(["leaderboard", "--runs", str(tmp_path / f"{name}.csv"), "--out", str(tmp_path / name),
+                     "--select", "best"]) == 0
+        built.append({t: (tmp_path / name / t / "runs.csv").read_bytes() for t in ("img", "txt")})
+    assert built[0] == built[1]
+    img, txt = (pd.read_csv(tmp_path / "a" / t / "runs.csv") for t in ("img", "txt"))
+    assert "option.corpus" not in img and "bpb" not in img and "option.corruption" not in txt
+    assert "hp.weighted" not in txt and list(img.columns[:4]) == ["task", "configuration", "method", "method_name"]
+
+
 def test_runs_tables_merge_with_the_store_and_the_latest_run_counts(store, tmp_path):
     uri, _ = store
     build(uri, "lb", tmp_path / "a", Selection("default"))

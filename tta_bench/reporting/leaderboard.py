@@ -15,7 +15,7 @@ import pandas as pd
 from tta_bench.core.errors import TTAError
 from tta_bench.reporting.output import write_table
 from tta_bench.reporting.report import task_report
-from tta_bench.reporting.runs import FROM, RUNS_TABLE, complete, latest, load_runs, read_runs
+from tta_bench.reporting.runs import FROM, RUNS_TABLE, complete, latest, load_runs, read_runs, runs_table
 from tta_bench.reporting.selection import (
     Choice,
     Selection,
@@ -84,7 +84,7 @@ def build(uri: str | None, experiment: str, out: Path, selection: Selection, thr
     headlines, sections = ["## Headline\n"], []
     for task, g in read.groupby("task"):  # the input of every number below, for rebuilding and merging
         (out / task).mkdir(parents=True, exist_ok=True)
-        g.drop(columns=FROM, errors="ignore").to_csv(out / task / RUNS_TABLE, index=False)
+        runs_table(g.drop(columns=FROM, errors="ignore")).to_csv(out / task / RUNS_TABLE, index=False)
         written.append(out / task / RUNS_TABLE)
     for r in reports:
         for note in r.notes:

@@ -166,8 +166,11 @@ def folder_runs(folder: Path, parent: str | None = None) -> pd.DataFrame:
             config, meta = record["config"], record["metadata"]
             if record.get("interrupted"):
                 continue
-            text = {k: v if isinstance(v, str) else json.dumps(v) for k, v in config["task_options"].items()}
-            hp = {k: v if isinstance(v, str) else json.dumps(v) for k, v in config["hparams"].items()}
+            def cell(v: object) -> str | None:  # None: not set (json's "null" would read back as missing)
+                return v if isinstance(v, str) or v is None else json.dumps(v)
+
+            text = {k: cell(v) for k, v in config["task_options"].items()}
+            hp = {k: cell(v) for k, v in config["hparams"].items()}
             base = {"task": config["task"], "configuration": configuration_label(config),
                     "method": method_label(config), "method_name": config["method"],
                     "threshold": config["protocol"]["threshold"],
@@ -185,6 +188,27 @@ def folder_runs(folder: Path, parent: str | None = None) -> pd.DataFrame:
                          **{m: s.get(m, math.nan) for m in METRICS}})
     df = pd.DataFrame(rows).assign(**{FROM: str(folder)})
     return df if parent is None else df[df["parent"] == parent]
+
+
+def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One task's runs as its runs table keeps them: without the columns no run of it has (other
+    tasks' options and hyperparameters), rows and columns in an order that does not depend on which
+    run was read first, so a rebuild with the same runs writes the same file."""
+    lead = ["task", "configuration", "method", "method_name", "threshold", "lr", "start", "run_id", *PROVENANCE_TAGS]
+    def recorded(column: pd.Series) -> bool:  # an empty string is written, and read back, as missing
+        return bool((column.notna() & column.astype(str).str.strip().ne("")).any())
+
+    runs = runs[[c for c in runs if c in lead or recorded(runs[c])]]  # a run without a gate: threshold empty
+
+    def rank(column: str) -> tuple:
+        if column in lead:
+            return 0, lead.index(column), ""
+        if column in METRICS:
+            return 3, METRICS.index(column), ""
+        return (1 if column.startswith(OPTION) else 2 if column.startswith(HP) else 4), 0, column
+
+    runs = runs.sort_values([*KEY, "start", "run_id"], kind="stable", ignore_index=True)
+    return runs[sorted(runs.columns, key=rank)]
 
 
 def device_label(kind: str | None, name: str | None) -> str | None:
