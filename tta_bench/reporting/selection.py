@@ -115,7 +115,7 @@ def choose_heldout(test: pd.DataFrame, val: pd.DataFrame, validation: list[str])
     with no validation run and one (variant, lr) on the test configurations tunes nothing (the base
     model `none`, a method run at its paper's setting): it is fixed in advance, scored as it is."""
     fam = families(pd.concat([test, val]))
-    on_val, on_test = _per_variant(val), _per_variant(test)
+    on_val, on_test, per_test = _per_variant(val), _per_variant(test), _per_configuration(test)
     candidates = on_val[on_val["configs"] == len(validation)]
     rows, lrs, everywhere, no_test = [], {}, set(), []
     for family, c in candidates.groupby(candidates.index.get_level_values("method").map(fam)):
@@ -130,7 +130,7 @@ def choose_heldout(test: pd.DataFrame, val: pd.DataFrame, validation: list[str])
                      "validation configs": len(validation), "validation mean Δacc": c.at[(variant, lr), "mean"],
                      "test configs": on_test["configs"].get((variant, lr), 0), "test mean Δacc": test_mean,
                      "oracle variant": oracle[0], "oracle lr": oracle[1], "oracle test mean Δacc": oracle_mean,
-                     "regret": oracle_mean - test_mean, **_every_candidate(test, c.index, (variant, lr)),
+                     "regret": oracle_mean - test_mean, **_every_candidate(per_test, c.index, (variant, lr)),
                      "note": NOOP_EVERYWHERE if noop else ""})
         if math.isnan(test_mean):
             no_test.append(f"{family} ({variant} @ {lr:g})")
@@ -147,7 +147,7 @@ def choose_heldout(test: pd.DataFrame, val: pd.DataFrame, validation: list[str])
                      "validation mean Δacc": math.nan, "test configs": on_test.at[(variant, lr), "configs"],
                      "test mean Δacc": test_mean, "oracle variant": variant, "oracle lr": lr,
                      "oracle test mean Δacc": test_mean, "regret": 0.0,
-                     **_every_candidate(test, pd.Index([(variant, lr)]), (variant, lr)), "note": FIXED})
+                     **_every_candidate(per_test, pd.Index([(variant, lr)]), (variant, lr)), "note": FIXED})
     chosen_families |= set(fixed)
     base = not_adapting(test)  # the base model: a row in the headline, nothing chosen for the selection table
     rows = [r for r in rows if r["held-out variant"] not in base]
@@ -171,14 +171,19 @@ def incomplete_configurations(at_lr: pd.DataFrame, chosen: dict[str, float]) -> 
     return {c: ", ".join(sorted(set(chosen) - ms)) for c, ms in have.items() if set(chosen) - ms}
 
 
-def _every_candidate(test: pd.DataFrame, candidates: pd.Index, chosen: tuple[str, float]) -> dict:
+def _per_configuration(runs: pd.DataFrame) -> pd.Series:
+    """Mean Δacc per (method, lr, configuration), over the scored runs."""
+    runs = runs[np.isfinite(runs["delta_acc"])]
+    return runs.groupby(["method", "lr", "configuration"])["delta_acc"].mean()
+
+
+def _every_candidate(per: pd.Series, candidates: pd.Index, chosen: tuple[str, float]) -> dict:
     """The oracle over every candidate of a family (each (variant, lr) run on every validation
-    configuration), on the test configurations where each of them has a scored run, and the
-    held-out choice's mean and regret on the same ones: exact over the candidates, on fewer
-    configurations while some candidates ran on only part of the test configurations."""
-    runs = test[np.isfinite(test["delta_acc"])]
-    per = runs.groupby(["method", "lr", "configuration"])["delta_acc"].mean()
-    configs = [set(per.loc[k].index) if k in per.index.droplevel("configuration") else set() for k in candidates]
+    configuration), on the test configurations where each of them has a scored run (per: the test
+    runs' _per_configuration), and the held-out choice's mean and regret on the same ones: exact
+    over the candidates, on fewer configurations while some candidates ran on only part of them."""
+    ran = set(per.index.droplevel("configuration"))
+    configs = [set(per.loc[k].index) if k in ran else set() for k in candidates]
     common = sorted(set.intersection(*configs)) if configs else []
     if not common:
         return {"every-candidate configs": 0, "every-candidate oracle variant": None,

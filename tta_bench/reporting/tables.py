@@ -59,6 +59,7 @@ def method_table(at_lr: pd.DataFrame, chosen: dict[str, float], how: str, refere
     fixed: methods with nothing to tune (their lr is `FIXED`, not `how`)."""
     noops = noops or {}
     deltas = at_lr.pivot_table(index="configuration", columns="method", values="delta_acc")
+    several = devices(at_lr)  # none where the runs ran on one device
     rows = []
     for method in deltas.columns:
         d = deltas[method].dropna()
@@ -80,9 +81,9 @@ def method_table(at_lr: pd.DataFrame, chosen: dict[str, float], how: str, refere
             row.update({column: g[metric].mean() for column, metric in BPB.items()})
         row.update({column: g[metric].mean() for column, metric in {**SECONDS, **WHOLE}.items()
                     if has(at_lr, metric)})
-        if devices(at_lr) and has(at_lr, SECONDS["s/sample"]):  # seconds compare within a device only
+        if has(at_lr, SECONDS["s/sample"]):  # seconds compare within a device only
             row.update({f"s/sample {device}": g.loc[g["device"] == device, SECONDS["s/sample"]].mean()
-                        for device in devices(at_lr)})
+                        for device in several})
         if selects(at_lr):
             row["select s/sample"] = g[SELECT["select s/sample"]].mean()
         rows.append(row)
