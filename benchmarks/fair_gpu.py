@@ -2,16 +2,19 @@
 under a deadline, resumably, and pack the results small enough to carry back:
     python -m benchmarks.fair_gpu sweeps/fair.toml --runs DIR --workers 12 --deadline 450 --pack OUT
 Each job is `tta_bench.run` with tracking off, saved to DIR/<job key>/ (run.json, summary.csv,
-samples.parquet); a job with a run.json is done and skipped. Workers take whole configurations
+samples.parquet); a job with a run.json is done and skipped, and a job stopped midway (killed, or
+past a session) resumes from its checkpoint.parquet, a window at most lost. Workers take whole configurations
 (every method of one configuration in turn: its corrupted images are generated once), validation
 configurations first. A job whose model package is not installed yet is put back and retried (the
 weights can arrive in a later call). At the deadline no new job starts; one that started finishes.
 --status runs nothing: it prints what each configuration still lacks. --pack writes OUT/runs.tgz
-(run.json + summary.csv of every finished run) and OUT/rows.parquet (every scored sample's rows,
+(run.json + summary.csv of every finished run, checkpoint.parquet of every unfinished one, so that
+a later session resumes it) and OUT/rows.parquet (every scored sample's rows,
 with the job key); `tta-bench leaderboard --runs DIR` reads the unpacked run folders."""
 from __future__ import annotations
 
 import argparse
+import io
 import importlib
 import os
 import sys
@@ -47,6 +50,7 @@ def run_configuration(jobs: list[tuple[str, dict]], runs: str, deadline: float, 
 
     from tta_bench import RunOptions, run
     from tta_bench.core.errors import TTAError
+    from tta_bench.storage.checkpoint import FILE as CHECKPOINT
     from tta_bench.sweeps.spec import run_parts
 
     torch.set_num_threads(1)
@@ -66,8 +70,13 @@ def run_configuration(jobs: list[tuple[str, dict]], runs: str, deadline: float, 
             options = {k: v for k, v in options.items() if k not in ("device", "threads")}
             if device.startswith("cuda"):  # blocks of many workers share one GPU: 4 GiB each at most
                 options.setdefault("max_memory", 4 << 30)
-            run(task, method, protocol, RunOptions(**options, device=device, track=False, progress=False,
-                                                   out=folder))
+            result = run(task, method, protocol, RunOptions(**options, device=device, track=False, progress=False,
+                                                            out=folder, checkpoint=folder / CHECKPOINT))
+            if result.interrupted:  # Ctrl-C: its windows are in the checkpoint; the job is not done
+                (folder / "run.json").unlink()
+                outcomes.append((key, f"interrupted after {time.time() - t0:.1f} s"))
+                continue
+            (folder / CHECKPOINT).unlink(missing_ok=True)
             outcomes.append((key, f"ok {time.time() - t0:.1f} s"))
         except TTAError as err:
             outcomes.append((key, f"error: {err}"))
@@ -79,14 +88,20 @@ def run_configuration(jobs: list[tuple[str, dict]], runs: str, deadline: float, 
 def pack(runs: Path, out: Path, skip: set[str] = frozenset(), new_only: bool = False) -> None:
     """OUT/runs.tgz and OUT/rows.parquet of the finished runs in `runs`, but those named in `skip`
     (e.g. the runs of an earlier pack) and those without their samples (unpacked from a pack);
-    new_only: also those already committed in benchmarks/results/fair-*-runs.tgz (`committed`)."""
+    new_only: also those already committed in benchmarks/results/fair-*-runs.tgz (`committed`).
+    An unfinished run's checkpoint goes into runs.tgz too (not its rows: they are not a result yet)."""
     import pandas as pd
+
+    from tta_bench.storage.checkpoint import FILE as CHECKPOINT
 
     if new_only:
         skip = set(skip) | committed(runs)
     out.mkdir(parents=True, exist_ok=True)
     frames = []
     with tarfile.open(out / "runs.tgz", "w:gz") as tar:
+        for ckpt in sorted(p / CHECKPOINT for p in runs.iterdir() if (p / CHECKPOINT).is_file()
+                           and not (p / "run.json").is_file() and p.name not in skip):
+            tar.add(ckpt, arcname=f"{ckpt.parent.name}/{CHECKPOINT}")  # unfinished: resumed from it
         for folder in sorted(p for p in runs.iterdir() if (p / "run.json").is_file()
                              and (p / "samples.parquet").is_file() and p.name not in skip):
             for name in ("run.json", "summary.csv"):
@@ -117,13 +132,31 @@ def unpack_committed(runs: Path, results: Path = Path("benchmarks/results")) -> 
     there, and set the superseded runs aside after each pack: a job rerun under today's method
     definition has the folder name of its superseded run, so the newer run wins whatever the
     order of the packs."""
+    from tta_bench.storage.checkpoint import FILE as CHECKPOINT
+
     runs.mkdir(parents=True, exist_ok=True)
     for tgz in sorted(results.glob("fair-*-runs.tgz")):
         with tarfile.open(tgz) as tar:
             for member in tar.getmembers():
-                if member.isfile() and not (runs / member.name).exists():
+                local = runs / member.name
+                if member.name.endswith(f"/{CHECKPOINT}"):  # an unfinished run: keep the furthest one
+                    if not (local.parent / "run.json").is_file() and _progress(io.BytesIO(tar.extractfile(member).read())) > (
+                            _progress(local) if local.is_file() else -1):
+                        tar.extract(member, runs, filter="data")
+                elif member.isfile() and not local.exists():
                     tar.extract(member, runs, filter="data")
         set_aside_superseded(runs)
+
+
+def _progress(checkpoint) -> int:
+    """The samples a checkpoint (a path or a file object) has seen."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from tta_bench.storage.checkpoint import META
+
+    return int(json.loads(pq.read_schema(checkpoint).metadata[META])["n_seen"])
 
 
 def set_aside_superseded(runs: Path) -> None:

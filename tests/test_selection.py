@@ -437,6 +437,44 @@ def test_pack_new_only_leaves_out_the_committed_runs_but_not_a_rerun(tmp_path):
     assert list(pd.read_parquet(tmp_path / "pk" / "rows.parquet")["job"]) == ["b", "c"]
 
 
+def test_an_unfinished_runs_checkpoint_travels_in_the_pack_and_the_furthest_one_is_unpacked(tmp_path):
+    """A job stopped midway (a session's end) leaves its checkpoint; the pack carries it (not its rows,
+    no result yet), and unpacking keeps the furthest progress: a later pack's over an earlier one's,
+    a local one that went further over both, none where the run has finished since."""
+    import tarfile
+
+    from tta_bench.storage import checkpoint
+
+    fair_gpu = load_fair_gpu()
+
+    def progress(n: int) -> checkpoint.Progress:
+        return checkpoint.Progress(pd.DataFrame({"index": range(n), "uncertain": True}), n, n, float(n))
+
+    def pack(name: str, n: int) -> None:
+        runs = tmp_path / name
+        for key in ("a", "b", "done"):
+            (runs / key).mkdir(parents=True)
+            checkpoint.save(runs / key / checkpoint.FILE, progress(n), {})
+        fair_gpu.pack(runs, tmp_path / name / "pk")
+        (tmp_path / name / "pk" / "runs.tgz").rename(results / f"fair-{name}-runs.tgz")
+
+    results = tmp_path / "results"
+    results.mkdir()
+    pack("1-early", 3)
+    pack("2-late", 7)
+    with tarfile.open(results / "fair-2-late-runs.tgz") as tar:
+        assert sorted(tar.getnames()) == ["a/checkpoint.parquet", "b/checkpoint.parquet", "done/checkpoint.parquet"]
+    runs = tmp_path / "runs"
+    (runs / "b").mkdir(parents=True)
+    checkpoint.save(runs / "b" / checkpoint.FILE, progress(9), {})
+    (runs / "done").mkdir()
+    (runs / "done" / "run.json").write_text('{"config": {"method": "nn", "hparams": {}}}')
+    fair_gpu.unpack_committed(runs, results)
+    assert fair_gpu._progress(runs / "a" / checkpoint.FILE) == 7
+    assert fair_gpu._progress(runs / "b" / checkpoint.FILE) == 9
+    assert not (runs / "done" / checkpoint.FILE).exists()
+
+
 def test_status_prints_what_each_configuration_lacks_and_runs_nothing(tmp_path, capsys, monkeypatch):
     import json
 
