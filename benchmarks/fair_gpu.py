@@ -179,56 +179,81 @@ def set_aside_superseded(runs: Path) -> None:
                 shutil.move(str(record.parent), str(aside))
 
 
-def complete_view(runs: Path, view: Path, published: Path, specs: list[Path] = ()) -> list[str]:
+def complete_view(runs: Path, view: Path, published: Path | list[Path], specs: list[Path] = ()) -> list[str]:
     """Fill `view` with links to the run folders of `runs` that a leaderboard can score together
-    with the published one (`published`: its runs table): every run of the method variants it
-    ranks, every validation run (the held-out choice sees every candidate), and the test runs of
-    each new variant that has one on every test configuration the table scores or that is no
-    family's held-out choice in the published selection table (it is not ranked; its runs feed the
-    every-candidate oracle only). A held-out choice missing some would take those configurations
-    out of every method's score: its family waits, named in the leaderboard's notes. With `specs`,
-    only runs that are jobs of these sweep specs (a configuration a spec no longer has is superseded).
+    with the published one (`published`: its runs tables, e.g. leaderboard/*/runs.csv; a task
+    without one takes every run): every run of the method variants a task's table ranks, every
+    validation run (the held-out choice sees every candidate), and the test runs of each new variant
+    that has one on every test configuration the table scores or that is a candidate of a family the
+    published selection table (beside the runs table) ranks, not its held-out choice (it is not
+    ranked; its runs feed the every-candidate oracle only). A variant ranked with fewer would take
+    the other configurations out of every method's score: it waits, named in the leaderboard's notes
+    (e.g. a retrieval method still running on one corpus of the text board). With `specs`, only
+    runs that are jobs of these sweep specs (a configuration a spec no longer has is superseded).
     Returns what is left out: the new variants whose test runs wait, with their counts, and the
     number of superseded runs."""
     import json
     import shutil
     from collections import defaultdict
 
-    import pandas as pd
-
     from tta_bench.storage.tracking import configuration_label, method_label
     from tta_bench.sweeps.spec import jobs_from_spec, load_spec
 
     jobs = {j.key for spec in specs for j in jobs_from_spec(load_spec(spec))[0]} if specs else None
-
-    table = pd.read_csv(published, dtype=str)
-    at_d = table[(pd.to_numeric(table["threshold"]) == 0.16) & (table["option.subset"] != "val")]
-    known = set(at_d["method"])  # the variants the table ranks (not those with validation runs only)
-    scored = set.intersection(*(set(g) for _, g in at_d.groupby("method")["configuration"]))  # where all ran
-    choices = published.parent / "selection.csv"  # without one, every new variant may be a choice
-    ranked = set(pd.read_csv(choices)["held-out variant"]) if choices.is_file() else None
+    boards = dict(_published_board(path) for path in ([published] if isinstance(published, Path) else published))
     shutil.rmtree(view, ignore_errors=True)
     view.mkdir(parents=True)
-    new: dict[str, dict[str, Path]] = defaultdict(dict)  # variant -> configuration -> folder
+    new: dict[tuple[str, str], dict[str, Path]] = defaultdict(dict)  # (task, variant) -> configuration -> folder
     superseded = 0
     for record in sorted(runs.glob("*/run.json")):
         if jobs is not None and record.parent.name not in jobs:
             superseded += 1
             continue
         config = json.loads(record.read_text())["config"]
-        variant = method_label(config)
-        if config["task"] != "cifar10" or variant in known or config["task_options"].get("subset") == "val":
+        variant, board = method_label(config), boards.get(config["task"])
+        if board is None or variant in board["known"] or config["task_options"].get("subset") == "val":
             (view / record.parent.name).symlink_to(record.parent.resolve())
         else:
-            new[variant][configuration_label(config)] = record.parent
+            new[config["task"], variant][configuration_label(config)] = record.parent
+            board["family"][variant] = _family(variant, config)
     left_out = []
-    for variant, configs in sorted(new.items()):
-        if scored <= set(configs) or (ranked is not None and variant not in ranked):
+    for (task, variant), configs in sorted(new.items()):
+        board = boards[task]
+        candidate = (board["family"][variant] in board["families"]  # of a ranked family, not its choice:
+                     and variant not in board["chosen"])  # never ranked
+        if board["scored"] <= set(configs) or candidate:
             for folder in configs.values():
                 (view / folder.name).symlink_to(folder.resolve())
         else:
-            left_out.append(f"{variant} (test runs on {len(set(configs) & scored)} of {len(scored)})")
+            left_out.append(f"{task}: {variant} (test runs on {len(set(configs) & board['scored'])} of "
+                            f"{len(board['scored'])})")
     return left_out + ([f"{superseded} run(s) that are no job of {', '.join(map(str, specs))}"] if superseded else [])
+
+
+def _published_board(path: Path) -> tuple[str, dict]:
+    """(task, what its published runs table ranks: the variants, the test configurations where all
+    ran, and from the selection table beside it the families and their held-out choices)."""
+    import pandas as pd
+
+    table = pd.read_csv(path, dtype=str)
+    at_d = table[(pd.to_numeric(table["threshold"]) == 0.16) & (table["option.subset"] != "val")]
+    choices = path.parent / "selection.csv"  # without one, any new variant may be a held-out choice
+    selection = pd.read_csv(choices) if choices.is_file() else pd.DataFrame(columns=["family", "held-out variant"])
+    return table["task"].iloc[0], {
+        "known": set(at_d["method"]),  # the variants ranked (not those with validation runs only)
+        "scored": set.intersection(*(set(g) for _, g in at_d.groupby("method")["configuration"])),
+        "families": set(selection["family"]), "chosen": set(selection["held-out variant"]),
+        "family": {}}
+
+
+def _family(variant: str, config: dict) -> str:
+    """The family of a run's method variant, as the leaderboard's selection groups them."""
+    import pandas as pd
+
+    from tta_bench.reporting.runs import HP, families
+
+    run = {"method": variant, "method_name": config["method"], **{HP + k: v for k, v in config["hparams"].items()}}
+    return families(pd.DataFrame([run]))[variant]
 
 
 def print_status(by_config: dict[str, list], done: set[str]) -> None:

@@ -6,13 +6,15 @@
 #    and on the scored test halves; on text also the base model and the retrieval methods at the
 #    SIFT paper's setting, not tuned, on the test windows), run in-process by
 #    benchmarks/fair_gpu.py into run folders
-#    under leaderboard-runs/fair (resumable: a run folder with run.json is done; seeded from the
+#    under leaderboard-runs/fair (resumable: a run folder with run.json is done, one with only a
+#    checkpoint.parquet resumes where it stopped; seeded from the
 #    committed runs of benchmarks/results/fair-*-runs.tgz; runs of a method whose definition has
 #    changed since, e.g. PASLE's own gate before issue 27, are set aside and rerun: see
 #    fair_gpu.set_aside_superseded); on a GPU machine without registries
 #    use benchmarks/fair_gpu.sh instead and unpack its runs.tgz into leaderboard-runs/fair;
 #  - the four threshold runs of the image task's threshold figure, kept from the committed table;
-#  - a new method variant only once it has run on every configuration the published table scores;
+#  - a new method variant only once it has run on every configuration its task's published table
+#    scores (e.g. a retrieval method on every text corpus);
 #  - only runs that are jobs of the two specs (a configuration they no longer have is superseded).
 # Cost: ~100 s per image job on one CPU core (1738 jobs), ~21 min for 1185 of them on one H200 with
 # 14 workers (measured on 644); text and MC without retrieval ~1.5 h on one core, the four
@@ -41,7 +43,7 @@ EOF
 # (one with fewer would take those configurations out of every method's score); say who waits
 python -c "from pathlib import Path
 from benchmarks.fair_gpu import complete_view
-left = complete_view(Path('$FAIR'), Path('leaderboard-runs/scored'), Path('leaderboard/cifar10/runs.csv'),
+left = complete_view(Path('$FAIR'), Path('leaderboard-runs/scored'), sorted(Path('leaderboard').glob('*/runs.csv')),
                      [Path('sweeps/fair.toml'), Path('sweeps/fair-lm.toml')])
 print('runs left out of this build (new variants not yet on every scored configuration; superseded):',
       '; '.join(left) or 'none')"

@@ -348,13 +348,14 @@ def test_a_new_variant_is_scored_only_on_every_configuration_the_published_table
         config = {"task": "cifar10", "task_options": {"corruption": corruption, "subset": subset},
                   "method": method, "hparams": hparams, "protocol": dict(PROTOCOL_DEFAULTS)}
         (folder / "run.json").write_text(json.dumps({"config": config}))
-    published = pd.DataFrame({"configuration": ["cifar10(corruption=fog)", "cifar10(corruption=snow)",
+    published = pd.DataFrame({"task": "cifar10",
+                              "configuration": ["cifar10(corruption=fog)", "cifar10(corruption=snow)",
                                                 "cifar10(corruption=frost)", "cifar10(corruption=fog, subset=val)"],
                               "method": ["ifo", "ifo", "tent", "ifo"], "threshold": ["0.16"] * 4,
                               "option.subset": ["test", "test", "test", "val"]})
-    published.loc[len(published)] = ["cifar10(corruption=fog)", "tent", "0.16", "test"]
+    published.loc[len(published)] = ["cifar10", "cifar10(corruption=fog)", "tent", "0.16", "test"]
     # a variant whose validation runs the table shows (its held-out choice) is not yet ranked
-    published.loc[len(published)] = ["cifar10(corruption=fog, subset=val)", "eata", "0.16", "val"]
+    published.loc[len(published)] = ["cifar10", "cifar10(corruption=fog, subset=val)", "eata", "0.16", "val"]
     published.to_csv(tmp_path / "runs.csv", index=False)  # scored: fog only (tent lacks snow, ifo frost)
     run("a", "ifo", "snow")
     run("b", "deyo", "fog")
@@ -364,15 +365,21 @@ def test_a_new_variant_is_scored_only_on_every_configuration_the_published_table
     run("f", "eata", "fog", subset="val")
     run("g", "eata", "snow", memory="none")
     left = fair_gpu.complete_view(tmp_path / "runs", tmp_path / "view", tmp_path / "runs.csv")
-    assert left == ["eata (test runs on 0 of 1)", "eata(memory=none) (test runs on 0 of 1)"]
+    assert left == ["cifar10: eata (test runs on 0 of 1)", "cifar10: eata(memory=none) (test runs on 0 of 1)"]
     assert sorted(p.name for p in (tmp_path / "view").iterdir()) == ["a", "b", "c", "d", "f"]
-    # beside a published selection table: a variant that is no family's held-out choice is never
-    # ranked, so its test runs join wherever they are (for the every-candidate oracle)
+    # beside a published selection table: a variant of a ranked family that is not its held-out
+    # choice is never ranked, so its test runs join wherever they are (for the every-candidate
+    # oracle); a new family (deyo) still waits for every scored configuration
     pd.DataFrame({"family": ["ifo", "tent", "eata"], "held-out variant": ["ifo", "tent", "eata"]}).to_csv(
         tmp_path / "selection.csv", index=False)
+    run("h", "deyo", "frost")
     left = fair_gpu.complete_view(tmp_path / "runs", tmp_path / "view", tmp_path / "runs.csv")
-    assert left == ["eata (test runs on 0 of 1)"]
-    assert sorted(p.name for p in (tmp_path / "view").iterdir()) == ["a", "b", "c", "d", "f", "g"]
+    assert left == ["cifar10: eata (test runs on 0 of 1)"]
+    assert sorted(p.name for p in (tmp_path / "view").iterdir()) == ["a", "b", "c", "d", "f", "g", "h"]
+    (tmp_path / "runs" / "b" / "run.json").unlink()  # deyo: no run on fog, the one scored configuration
+    left = fair_gpu.complete_view(tmp_path / "runs", tmp_path / "view", tmp_path / "runs.csv")
+    assert left == ["cifar10: deyo (test runs on 0 of 1)", "cifar10: eata (test runs on 0 of 1)"]
+    assert sorted(p.name for p in (tmp_path / "view").iterdir()) == ["a", "d", "f", "g"]
 
 
 def test_runs_that_are_no_job_of_the_published_specs_are_left_out(tmp_path):
@@ -391,8 +398,8 @@ def test_runs_that_are_no_job_of_the_published_specs_are_left_out(tmp_path):
     for key, config in [(j.key, j.config) for j in jobs] + [("old", old)]:
         (tmp_path / "runs" / key).mkdir(parents=True)
         (tmp_path / "runs" / key / "run.json").write_text(json.dumps({"config": config}))
-    pd.DataFrame({"configuration": ["cifar10(corruption=fog)"], "method": ["ifo"], "threshold": ["0.16"],
-                  "option.subset": ["test"]}).to_csv(tmp_path / "runs.csv", index=False)
+    pd.DataFrame({"task": ["cifar10"], "configuration": ["cifar10(corruption=fog)"], "method": ["ifo"],
+                  "threshold": ["0.16"], "option.subset": ["test"]}).to_csv(tmp_path / "runs.csv", index=False)
     left = fair_gpu.complete_view(tmp_path / "runs", tmp_path / "view", tmp_path / "runs.csv", [toml])
     assert sorted(p.name for p in (tmp_path / "view").iterdir()) == sorted(j.key for j in jobs)
     assert left == [f"1 run(s) that are no job of {toml}"]
