@@ -8,7 +8,8 @@ the shared gate (the windows with Δ1,2 < d: under the per-sample reset, exactly
 
 --save FILE.parquet keeps the per-window rows the report reads (small: commit them under
 benchmarks/results/), and --rows FILE.parquet makes the report from them, without the store;
---folders DIR... reads run folders (`tta-bench run --out`, finished or stopped early) instead,
+--folders DIR... reads run folders (`tta-bench run --out`, finished or stopped early, or a sweep
+job's folder with only its checkpoint) instead,
 naming each retrieval run by its N (e.g. `sift N=50`). --paired A B adds B − A per corpus: the
 difference of their bpb changes on the same windows, with a paired bootstrap 90 % CI.
 """
@@ -25,6 +26,8 @@ import pandas as pd
 from tabulate import tabulate
 
 from tta_bench.reporting.runs import load_runs
+from tta_bench.storage.checkpoint import FILE as CHECKPOINT
+from tta_bench.storage.checkpoint import META
 from tta_bench.storage.tracking import open_client, resolve_uri
 
 
@@ -49,18 +52,35 @@ def rows_of(uri: str, experiment: str) -> pd.DataFrame:
 
 
 def rows_of_folders(folders: list[Path]) -> pd.DataFrame:
-    """The per-window rows of run folders (run.json and samples.parquet, one lr each)."""
+    """The per-window rows of run folders (run.json and samples.parquet, one lr each), and of sweep
+    jobs stopped midway (benchmarks/fair_gpu: only their checkpoint.parquet, the windows finished)."""
     frames = []
-    for folder in (f for f in folders if (f / "run.json").is_file() and (f / "samples.parquet").is_file()):
-        record = json.loads((folder / "run.json").read_text())
-        config, meta = record["config"], record["metadata"]
-        rows = pd.read_parquet(folder / "samples.parquet")
+    for folder in folders:
+        if (folder / "run.json").is_file() and (folder / "samples.parquet").is_file():
+            record = json.loads((folder / "run.json").read_text())
+            config, meta = record["config"], record["metadata"]
+            rows, data_space = pd.read_parquet(folder / "samples.parquet"), meta["task"].get("data_space")
+        elif (folder / CHECKPOINT).is_file():
+            rows, config, meta = _checkpointed(folder / CHECKPOINT)
+            data_space = None  # recorded when the run finishes
+        else:
+            continue
         n = config["hparams"].get("n_select")
         frames.append(rows.assign(corpus=config["task_options"]["corpus"],
                                   method=config["method"] + (f" N={n}" if n is not None else ""),
-                                  data_space=json.dumps(meta["task"].get("data_space")),
-                                  device=window_devices(rows["index"], meta)))
+                                  data_space=json.dumps(data_space), device=window_devices(rows["index"], meta)))
     return pd.concat(frames, ignore_index=True)
+
+
+def _checkpointed(path: Path) -> tuple[pd.DataFrame, dict, dict]:
+    """(rows, the run's settings, its attempts as run.json's metadata names them) of a checkpoint."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[META])
+    attempts = meta["attempts"]
+    return table.to_pandas(), meta["settings"], {"device_name": attempts[-1]["device_name"],
+                                                 "earlier_attempts": attempts[:-1]}
 
 
 def paired(rows: pd.DataFrame, a: str, b: str, gated: bool, d: float) -> list[list]:

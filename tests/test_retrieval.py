@@ -283,3 +283,22 @@ def test_the_report_times_a_resumed_run_on_one_device_only():
                          "device": devices})
     (row,) = report.table(rows, gated=False, d=0.16)
     assert row[2] == 5 and row[7:10] == ["0.10", "0.90", "NVIDIA H100 80GB HBM3 (3 of 5)"]
+
+
+def test_the_report_reads_a_sweep_job_stopped_midway_from_its_checkpoint(tmp_path):
+    """benchmarks/fair_gpu leaves only checkpoint.parquet for a job stopped midway: the report reads
+    its finished windows, named by the settings the checkpoint records, timed per attempt."""
+    from tta_bench.storage import checkpoint
+
+    rows = pd.DataFrame({"index": [0, 1, 2], "label": 1, "pred_source": 0, "pred": 1, "delta": 0.1,
+                         "bpb_source": 1.0, "bpb": 0.9, "seconds": 50.0, "select_seconds": 2.0, "backwards": 50})
+    attempts = [{"from_sample": 0, "to_sample": 2, "device_name": "NVIDIA H200"},
+                {"from_sample": 2, "to_sample": 3, "device_name": "x86_64"}]
+    settings = {"task_options": {"corpus": "licenses"}, "method": "sift", "hparams": {"n_select": 50}}
+    (tmp_path / "job").mkdir()
+    checkpoint.save(tmp_path / "job" / checkpoint.FILE, checkpoint.Progress(rows, 3, 3, 150.0, [], attempts), settings)
+    (tmp_path / "empty").mkdir()  # a job not started: nothing to read
+    read = _report().rows_of_folders([tmp_path / "job", tmp_path / "empty"])
+    assert list(read["method"]) == ["sift N=50"] * 3 and set(read["corpus"]) == {"licenses"}
+    assert list(read["device"]) == ["NVIDIA H200", "NVIDIA H200", "x86_64"]
+    assert list(read["bpb"]) == [0.9] * 3
