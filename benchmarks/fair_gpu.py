@@ -14,8 +14,8 @@ with the job key); `tta-bench leaderboard --runs DIR` reads the unpacked run fol
 from __future__ import annotations
 
 import argparse
-import io
 import importlib
+import io
 import os
 import sys
 import tarfile
