@@ -150,13 +150,11 @@ def unpack_committed(runs: Path, results: Path = Path("benchmarks/results")) -> 
 
 def _progress(checkpoint) -> int:
     """The samples a checkpoint (a path or a file object) has seen."""
-    import json
-
     import pyarrow.parquet as pq
 
-    from tta_bench.storage.checkpoint import META
+    from tta_bench.storage.checkpoint import metadata
 
-    return int(json.loads(pq.read_schema(checkpoint).metadata[META])["n_seen"])
+    return int(metadata(pq.read_schema(checkpoint))["n_seen"])
 
 
 def set_aside_superseded(runs: Path) -> None:
@@ -204,6 +202,7 @@ def complete_view(runs: Path, view: Path, published: Path | list[Path], specs: l
     shutil.rmtree(view, ignore_errors=True)
     view.mkdir(parents=True)
     new: dict[tuple[str, str], dict[str, Path]] = defaultdict(dict)  # (task, variant) -> configuration -> folder
+    family: dict[tuple[str, str], str] = {}  # (task, variant) -> its family
     superseded = 0
     for record in sorted(runs.glob("*/run.json")):
         if jobs is not None and record.parent.name not in jobs:
@@ -215,11 +214,11 @@ def complete_view(runs: Path, view: Path, published: Path | list[Path], specs: l
             (view / record.parent.name).symlink_to(record.parent.resolve())
         else:
             new[config["task"], variant][configuration_label(config)] = record.parent
-            board["family"][variant] = _family(variant, config)
+            family[config["task"], variant] = _family(variant, config)
     left_out = []
     for (task, variant), configs in sorted(new.items()):
         board = boards[task]
-        candidate = (board["family"][variant] in board["families"]  # of a ranked family, not its choice:
+        candidate = (family[task, variant] in board["families"]  # of a ranked family, not its choice:
                      and variant not in board["chosen"])  # never ranked
         if board["scored"] <= set(configs) or candidate:
             for folder in configs.values():
@@ -242,8 +241,7 @@ def _published_board(path: Path) -> tuple[str, dict]:
     return table["task"].iloc[0], {
         "known": set(at_d["method"]),  # the variants ranked (not those with validation runs only)
         "scored": set.intersection(*(set(g) for _, g in at_d.groupby("method")["configuration"])),
-        "families": set(selection["family"]), "chosen": set(selection["held-out variant"]),
-        "family": {}}
+        "families": set(selection["family"]), "chosen": set(selection["held-out variant"])}
 
 
 def _family(variant: str, config: dict) -> str:

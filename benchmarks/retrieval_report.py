@@ -27,7 +27,7 @@ from tabulate import tabulate
 
 from tta_bench.reporting.runs import load_runs
 from tta_bench.storage.checkpoint import FILE as CHECKPOINT
-from tta_bench.storage.checkpoint import META
+from tta_bench.storage.checkpoint import metadata
 from tta_bench.storage.tracking import open_client, resolve_uri
 
 
@@ -77,7 +77,7 @@ def _checkpointed(path: Path) -> tuple[pd.DataFrame, dict, dict]:
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
-    meta = json.loads(table.schema.metadata[META])
+    meta = metadata(table.schema)
     attempts = meta["attempts"]
     return table.to_pandas(), meta["settings"], {"device_name": attempts[-1]["device_name"],
                                                  "earlier_attempts": attempts[:-1]}

@@ -74,6 +74,11 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
         raise
 
 
+def metadata(schema: pa.Schema) -> dict:
+    """What `save` recorded beside the rows: settings, progress (n_seen, ...) and attempts."""
+    return json.loads(schema.metadata[META])
+
+
 def load(path: Path, settings: dict, n_lrs: int) -> Progress | None:
     """The progress saved in `path` (None if there is none), after checking that it was written by
     a run of the same `settings` and that its rows are whole: every learning rate's rows for each
@@ -83,7 +88,7 @@ def load(path: Path, settings: dict, n_lrs: int) -> Progress | None:
     delete = "delete it to start this run over"
     try:
         table = pq.read_table(path)
-        meta = json.loads(table.schema.metadata[META])
+        meta = metadata(table.schema)
         n_seen, n_uncertain, wall = int(meta["n_seen"]), int(meta["n_uncertain"]), float(meta["wall"])
         skipped, attempts = list(meta.get("skipped", [])), list(meta.get("attempts", []))
         memory = None if meta.get("memory") is None else [float(v) for v in meta["memory"]]
