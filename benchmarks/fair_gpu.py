@@ -3,10 +3,12 @@ under a deadline, resumably, and pack the results small enough to carry back:
     python -m benchmarks.fair_gpu sweeps/fair.toml --runs DIR --workers 12 --deadline 450 --pack OUT
 Each job is `tta_bench.run` with tracking off, saved to DIR/<job key>/ (run.json, summary.csv,
 samples.parquet); a job with a run.json is done and skipped, and a job stopped midway (killed, or
-past a session) resumes from its checkpoint.parquet, a window at most lost. Workers take whole configurations
-(every method of one configuration in turn: its corrupted images are generated once), validation
-configurations first. A job whose model package is not installed yet is put back and retried (the
-weights can arrive in a later call). At the deadline no new job starts; one that started finishes.
+past a session) resumes from its checkpoint.parquet, a window at most lost. Workers take whole
+configurations (every method of one configuration in turn: its corrupted images are generated
+once), validation configurations first. A job another sweep is running (its DIR/<job key>/.running
+claim) is left to it, so sweeps with overlapping --only filters share the work. A job whose model
+package is not installed yet is put back and retried (the weights can arrive in a later call). At
+the deadline no new job starts; one that started finishes.
 --status runs nothing: it prints what each configuration still lacks. --pack writes OUT/runs.tgz
 (run.json + summary.csv of every finished run, checkpoint.parquet of every unfinished one, so that
 a later session resumes it) and OUT/rows.parquet (every scored sample's rows,
@@ -17,6 +19,7 @@ import argparse
 import importlib
 import io
 import os
+import socket
 import sys
 import tarfile
 import time
@@ -63,6 +66,10 @@ def run_configuration(jobs: list[tuple[str, dict]], runs: str, deadline: float, 
         if time.time() > deadline:
             outcomes.append((key, "deadline"))
             continue
+        claim = claim_job(folder)
+        if claim is None:
+            outcomes.append((key, "running elsewhere"))
+            continue
         importlib.invalidate_caches()  # weights packages installed while this ran
         t0 = time.time()
         try:
@@ -82,7 +89,46 @@ def run_configuration(jobs: list[tuple[str, dict]], runs: str, deadline: float, 
             outcomes.append((key, f"error: {err}"))
             if "pip install" in str(err):  # its model's weights are not installed (yet)
                 outcomes[-1] = (key, "missing weights")
+        finally:
+            claim.unlink(missing_ok=True)
+            if not any(folder.iterdir()):  # claimed, then nothing ran (an error before the first window)
+                folder.rmdir()
     return outcomes
+
+
+def claim_job(folder: Path) -> Path | None:
+    """This process's exclusive claim on a job (FOLDER/.running: host and pid), so that sweeps
+    whose --only filters overlap never run one job twice; None while another live process holds
+    it. A claim left by a process of this host that is gone (killed) is taken over; one from
+    another host (a shared file system) stands until that sweep ends or the file is deleted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    claim, host = folder / ".running", socket.gethostname()
+    for _ in range(3):
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder, _, pid = claim.read_text().partition(" ")
+            except FileNotFoundError:  # released meanwhile
+                continue
+            if holder == host and pid.isdigit() and not _alive(int(pid)):
+                claim.unlink(missing_ok=True)
+                continue
+            return None  # held (or being written this instant)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{host} {os.getpid()}")
+        return claim
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def pack(runs: Path, out: Path, skip: set[str] = frozenset(), new_only: bool = False) -> None:
@@ -290,7 +336,7 @@ def main() -> int:
 
     start = time.time()
     deadline = start + args.deadline
-    jobs, notes = jobs_from_spec(load_spec(args.spec))
+    jobs, _ = jobs_from_spec(load_spec(args.spec))
     done = {p.parent.name for p in args.runs.glob("*/run.json")}
     # --started: configurations with a finished job of any method (before --only and --skip)
     started = {_config_key(j) for j in jobs if j.key in done}

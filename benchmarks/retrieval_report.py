@@ -1,7 +1,7 @@
 """Issue 13's report from the runs of sweeps/retrieval.toml (or any text runs with bpb): per corpus
 and method, bits per byte relative to the base model (%, bootstrap 90 % CI over windows, as in the
 SIFT paper), Δacc, selection and other seconds per window (timed on the device most of a run's
-windows ran on: a run resumed on another machine mixes devices), with every window (gate none) and with
+windows ran on: a run resumed on another machine mixes devices), with every window (gate none; a gated run left its certain windows unadapted) and with
 the shared gate (the windows with Δ1,2 < d: under the per-sample reset, exactly the gated run).
 
     python -m benchmarks.retrieval_report --experiment tta-bench-retrieval [--tracking-uri URI] [--d 0.16]
@@ -194,8 +194,9 @@ def main() -> None:
     built = sorted({(c, i["embedder"], i["n_sequences"], i["n_tokens"], f"{i['build_seconds']:.0f}",
                      f"{i['size_bytes'] / 2**20:.1f}") for c, i in ((c, json.loads(s)) for c, s in spaces) if i})
     print(tabulate(built, headers=["corpus", "embedder", "sequences", "tokens", "build s", "MiB"], tablefmt="github"))
+    whole = "every window (a run under a gate, e.g. a sweep's, left its certain windows unadapted)"
     for gated in (False, True):
-        print(f"\n### {'shared gate, Δ1,2 < ' + str(args.d) if gated else 'every window (gate none)'}\n")
+        print(f"\n### {'shared gate, Δ1,2 < ' + str(args.d) if gated else whole}\n")
         print(tabulate(table(rows, gated, args.d), headers=headers, tablefmt="github"))
         if args.paired:
             print()

@@ -482,6 +482,38 @@ def test_an_unfinished_runs_checkpoint_travels_in_the_pack_and_the_furthest_one_
     assert not (runs / "done" / checkpoint.FILE).exists()
 
 
+def test_a_job_another_live_sweep_claimed_is_left_to_it_and_a_dead_ones_claim_is_taken_over(tmp_path):
+    """Two sweeps whose --only filters overlap share the work: a job claimed by a live process is
+    skipped ("running elsewhere", nothing written); the claim of a killed process of this host is
+    taken over; one from another host stands; a released claim leaves no empty folder behind."""
+    import socket
+    import subprocess
+    import sys
+
+    fair_gpu = load_fair_gpu()
+    runs = tmp_path / "runs"
+    mine = fair_gpu.claim_job(runs / "a")
+    assert mine == runs / "a" / ".running" and fair_gpu.claim_job(runs / "a") is None
+    outcomes = fair_gpu.run_configuration([("a", {})], str(runs), float("inf"), "cpu")
+    assert outcomes == [("a", "running elsewhere")] and sorted(p.name for p in (runs / "a").iterdir()) == [".running"]
+    mine.unlink()
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    (runs / "b").mkdir()
+    (runs / "b" / ".running").write_text(f"{socket.gethostname()} {int(gone.stdout)}")
+    assert fair_gpu.claim_job(runs / "b") is not None
+    (runs / "c").mkdir()
+    (runs / "c" / ".running").write_text(f"not-{socket.gethostname()} {int(gone.stdout)}")
+    assert fair_gpu.claim_job(runs / "c") is None
+
+    # a claim released after an error before the first window: no empty folder is left
+    bad = {"protocol": {"lrs": [0.1]}, "task": "no-such-task", "task_options": {}, "method": "ifo", "hparams": {},
+           "options": {}}
+    [(key, outcome)] = fair_gpu.run_configuration([("d", bad)], str(runs), float("inf"), "cpu")
+    assert key == "d" and outcome.startswith("error:") and not (runs / "d").exists()
+
+
 def test_status_prints_what_each_configuration_lacks_and_runs_nothing(tmp_path, capsys, monkeypatch):
     import json
 
