@@ -338,7 +338,7 @@ class Text(LanguageTask):
         if self.opts.data_space is not None:
             self.data_space_documents()
 
-    def data_space(self) -> DataSpace | None:
+    def data_space(self, progress: bool = True) -> DataSpace | None:
         """Built (or loaded from its cache) on first use, after the model is on its device."""
         if self.opts.data_space is None:
             return None
@@ -346,7 +346,7 @@ class Text(LanguageTask):
             o = self.opts
             tokens, offsets = self.data_space_sequences()
             self._data_space = build(tokens, offsets, self.embedder(o.embedding_model),
-                                     {"model": o.model, "seq_len": o.seq_len})
+                                     {"model": o.model, "seq_len": o.seq_len}, progress)
         return self._data_space
 
     def data_space_sequences(self) -> tuple[np.ndarray, np.ndarray]:

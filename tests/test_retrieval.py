@@ -154,7 +154,7 @@ def test_steps_equal_a_hand_written_adam_loop_and_the_model_is_reset(tmp_path, t
     torch.testing.assert_close(out.logits[0], expected, rtol=0, atol=1e-6)
 
 
-def test_every_method_runs_on_the_same_test_windows_with_selection_time(tmp_path, tiny, cache):
+def test_every_method_runs_on_the_same_test_windows_with_selection_time(tmp_path, tiny, cache, capfd):
     rows = {}
     for name, hp in (("nn", {"n_select": 2}), ("ifo", {}), ("none", {})):
         task = tiny_text_task(tmp_path, tiny, data_space="split")
@@ -167,6 +167,7 @@ def test_every_method_runs_on_the_same_test_windows_with_selection_time(tmp_path
     assert (rows["nn"]["select_seconds"] > 0).all() and (rows["ifo"]["select_seconds"] == 0).all()
     assert (rows["nn"]["backwards"] == 2).all()
     assert result.metadata["task"]["data_space"] is None  # `none` never builds it
+    assert "embedding the data space" not in capfd.readouterr().err  # progress=False: no bar while it builds
 
 
 def test_a_corrupt_embedding_or_index_file_is_rebuilt(cache):

@@ -82,9 +82,10 @@ class Task:
         see the inputs only. Default: the class logits and no metrics."""
         return self.class_logits(model, inputs)[0], {}
 
-    def data_space(self) -> Any:
+    def data_space(self, progress: bool = True) -> Any:
         """What methods that fine-tune on selected data choose from (text: tta_bench.data.dataspace.DataSpace),
-        built on first use after the model is loaded; None if the task has none."""
+        built on first use after the model is loaded (`progress`: a bar while it builds); None if the
+        task has none."""
         return None
 
     def data_identity(self) -> str | None:

@@ -435,7 +435,7 @@ class Scan:
         self.options = options = replace(options, batch_size=options.batch_size or BATCH_SIZE.get(device.type, 1))
         self.model = model = task.load_model().to(device).eval()
         self.bound = _Evaluate(task) if task.metrics else None  # the prediction forward gives the metrics too
-        space = task.data_space() if method.selects else None  # built (or loaded) once, before the scan
+        space = task.data_space(options.progress) if method.selects else None  # built (or loaded) once, before the scan
         self.adapter = Adapter(model, method, task.class_logits, protocol, task.augmenter(), self.bound,
                                data_space=space) if method.adapts else None
         self.blocks = BlockPolicy(self.adapter is not None, model, method, task, protocol,
