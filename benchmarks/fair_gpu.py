@@ -177,7 +177,8 @@ def unpack_committed(runs: Path, results: Path = Path("benchmarks/results")) -> 
     """Unpack every committed pack (results/fair-*-runs.tgz) into `runs`, keeping files already
     there, and set the superseded runs aside after each pack: a job rerun under today's method
     definition has the folder name of its superseded run, so the newer run wins whatever the
-    order of the packs."""
+    order of the packs. Of an unfinished run's checkpoints the furthest is kept, and none once the
+    run has finished (in any pack)."""
     from tta_bench.storage.checkpoint import FILE as CHECKPOINT
 
     runs.mkdir(parents=True, exist_ok=True)
@@ -192,6 +193,9 @@ def unpack_committed(runs: Path, results: Path = Path("benchmarks/results")) -> 
                 elif member.isfile() and not local.exists():
                     tar.extract(member, runs, filter="data")
         set_aside_superseded(runs)
+    for stale in runs.glob(f"*/{CHECKPOINT}"):  # a run finished in a later pack than its checkpoint's
+        if (stale.parent / "run.json").is_file():
+            stale.unlink()
 
 
 def _progress(checkpoint) -> int:

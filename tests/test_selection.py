@@ -459,7 +459,7 @@ def test_an_unfinished_runs_checkpoint_travels_in_the_pack_and_the_furthest_one_
 
     def pack(name: str, n: int) -> None:
         runs = tmp_path / name
-        for key in ("a", "b", "done"):
+        for key in ("a", "b", "done", "later"):
             (runs / key).mkdir(parents=True)
             checkpoint.save(runs / key / checkpoint.FILE, progress(n), {})
         fair_gpu.pack(runs, tmp_path / name / "pk")
@@ -470,7 +470,13 @@ def test_an_unfinished_runs_checkpoint_travels_in_the_pack_and_the_furthest_one_
     pack("1-early", 3)
     pack("2-late", 7)
     with tarfile.open(results / "fair-2-late-runs.tgz") as tar:
-        assert sorted(tar.getnames()) == ["a/checkpoint.parquet", "b/checkpoint.parquet", "done/checkpoint.parquet"]
+        assert sorted(tar.getnames()) == ["a/checkpoint.parquet", "b/checkpoint.parquet", "done/checkpoint.parquet",
+                                          "later/checkpoint.parquet"]
+    finished = tmp_path / "3-finished" / "later" / "run.json"  # `later` finished in the next pack
+    finished.parent.mkdir(parents=True)
+    finished.write_text('{"config": {"method": "nn", "hparams": {}}}')
+    with tarfile.open(results / "fair-3-finished-runs.tgz", "w:gz") as tar:
+        tar.add(finished, "later/run.json")
     runs = tmp_path / "runs"
     (runs / "b").mkdir(parents=True)
     checkpoint.save(runs / "b" / checkpoint.FILE, progress(9), {})
@@ -480,6 +486,7 @@ def test_an_unfinished_runs_checkpoint_travels_in_the_pack_and_the_furthest_one_
     assert fair_gpu._progress(runs / "a" / checkpoint.FILE) == 7
     assert fair_gpu._progress(runs / "b" / checkpoint.FILE) == 9
     assert not (runs / "done" / checkpoint.FILE).exists()
+    assert (runs / "later" / "run.json").is_file() and not (runs / "later" / checkpoint.FILE).exists()
 
 
 def test_a_job_another_live_sweep_claimed_is_left_to_it_and_a_dead_ones_claim_is_taken_over(tmp_path):
