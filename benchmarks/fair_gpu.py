@@ -76,6 +76,9 @@ def run_configuration(jobs: list[tuple[str, dict]], runs: str, deadline: float, 
             importlib.invalidate_caches()  # weights packages installed while this ran
             t0 = time.time()
             try:
+                if (folder / "run.json").is_file():  # finished by another sweep since the check above
+                    outcomes.append((key, "done earlier"))
+                    continue
                 task, method, protocol, options = run_parts(config)
                 options = {k: v for k, v in options.items() if k not in ("device", "threads")}
                 if device.startswith("cuda"):  # blocks of many workers share one GPU: 4 GiB each at most

@@ -156,7 +156,7 @@ def test_interrupted_job_is_not_a_result_and_resumes(toy_job):
     assert not (folder / "result").exists()
     assert _top_runs(uri, "toy", job.key) == []
     # an interrupted result/ left by older versions is dropped, not logged as finished
-    task, method, protocol, options = run_parts(job.config)
+    _, method, protocol, options = run_parts(job.config)
     stale = tta_bench.run(StoppedToy(), method, protocol, RunOptions(**options, progress=False, track=False))
     stale.save(folder / "result")
     use(ToyTask)
@@ -213,6 +213,32 @@ def test_a_locked_job_is_skipped_not_run_twice(toy_job, tmp_path, capsys):
     assert _top_runs(uri, "toy", job.key) == []
 
 
+
+def test_a_lock_won_on_a_file_its_last_holder_unlinked_is_taken_on_the_file_now_at_the_path(tmp_path, monkeypatch):
+    """A holder unlinks its lock file before it lets go (tta-bench run's --out lock, fair_gpu's
+    claim). A process that opened the file before the unlink wins the old, nameless file: it must
+    lock the file at the path instead, or a third process would lock that one too."""
+    from tta_bench.storage import checkpoint as storage
+
+    path = tmp_path / "claim"
+    real = storage.try_lock
+    unlinked = []
+
+    def last_holder_lets_go_first(file, mode):
+        if not unlinked:  # this open file is the one the last holder unlinks, then lets go
+            path.unlink()
+            unlinked.append(True)
+        return real(file, mode)
+
+    path.write_text("")
+    monkeypatch.setattr(storage, "try_lock", last_holder_lets_go_first)
+    with storage.lock(path) as holder:
+        assert holder is None and path.read_text() == str(os.getpid())
+        monkeypatch.setattr(storage, "try_lock", real)
+        with storage.lock(path) as third:  # a third process sees the lock held
+            assert third == os.getpid()
+
+
 # Real worker processes on the embedded CIFAR-10 task.
 
 SPEC = """
@@ -259,7 +285,8 @@ class Sweep:
                                 text=True, start_new_session=True, cwd=self.cwd)
 
     def run(self) -> subprocess.CompletedProcess:
-        return subprocess.run(self.cmd, env=self.env, capture_output=True, text=True, timeout=600, cwd=self.cwd)
+        return subprocess.run(self.cmd, env=self.env, capture_output=True, text=True, timeout=600, cwd=self.cwd,
+                              check=False)  # the caller asserts the return code
 
     def workers_mid_job(self, proc: subprocess.Popen, n: int = 2) -> dict[str, int]:
         """Job key -> worker pid of the jobs with checkpointed samples and no status yet, once

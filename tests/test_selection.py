@@ -13,7 +13,13 @@ from tta_bench.core.errors import TTAError
 from tta_bench.reporting.leaderboard import build
 from tta_bench.reporting.runs import families
 from tta_bench.reporting.selection import Selection
-from tta_bench.reporting.tables import BASE_MODEL, FIXED, HEADLINE_P, NOOP, NOOP_EVERYWHERE
+from tta_bench.reporting.tables import (
+    BASE_MODEL,
+    FIXED,
+    HEADLINE_P,
+    NOOP,
+    NOOP_EVERYWHERE,
+)
 
 CORRUPTIONS = ("fog", "frost", "glass", "snow")
 TEST = [f"toy(corruption={c})" for c in CORRUPTIONS]
@@ -110,10 +116,10 @@ def test_validation_configurations_are_never_scored(tmp_path, mode):
     for path in sorted((out / "toy").iterdir()) + sorted((out / "site").rglob("*.*")):
         if path.suffix == ".png" or path.name == "runs.csv":  # runs.csv: the input, every run read
             continue
-        text = re.sub(r'<table class="provenance">.*?</table>', "", path.read_text(), flags=re.S)  # names them
+        text = re.sub(r'<table class="provenance">.*?</table>', "", path.read_text(), flags=re.DOTALL)  # names them
         body = {".md": "\n".join(line for line in text.splitlines() if line.startswith("|")),
                 ".tex": "\n".join(line for line in text.splitlines() if not line.startswith("%")),
-                ".html": "".join(re.findall(r"<tbody>.*?</tbody>", text, re.S))}.get(path.suffix, text)
+                ".html": "".join(re.findall(r"<tbody>.*?</tbody>", text, re.DOTALL))}.get(path.suffix, text)
         assert "subset=val" not in body and "-50" not in body, path
         bodies += bool(body)
     assert bodies > 20
@@ -515,6 +521,31 @@ def test_a_job_another_live_sweep_claimed_is_left_to_it_and_a_dead_ones_claim_is
            "options": {}}
     [(key, outcome)] = fair_gpu.run_configuration([("a", bad)], str(runs), float("inf"), "cpu")
     assert key == "a" and outcome.startswith("error:") and not (runs / "a").exists()
+
+
+
+def test_a_job_another_sweep_finished_before_the_claim_was_won_is_not_run_again(tmp_path, monkeypatch):
+    """Between the run.json check and winning the claim, another sweep may finish the job (and let
+    go of its claim): it is then done, not run a second time, and no claim file is left behind."""
+    from contextlib import contextmanager
+
+    import tta_bench
+    from tta_bench.storage import checkpoint as storage
+
+    fair_gpu = load_fair_gpu()
+    runs = tmp_path / "runs"
+    real = storage.lock
+
+    @contextmanager
+    def finished_meanwhile(path):
+        (path.parent / "run.json").write_text("{}")  # the other sweep's last act before letting go
+        with real(path) as holder:
+            yield holder
+
+    monkeypatch.setattr(storage, "lock", finished_meanwhile)
+    monkeypatch.setattr(tta_bench, "run", lambda *a, **k: pytest.fail("a finished job was run again"))
+    assert fair_gpu.run_configuration([("a", {})], str(runs), float("inf"), "cpu") == [("a", "done earlier")]
+    assert sorted(p.name for p in (runs / "a").iterdir()) == ["run.json"]
 
 
 def test_status_prints_what_each_configuration_lacks_and_runs_nothing(tmp_path, capsys, monkeypatch):

@@ -139,10 +139,26 @@ def try_lock(file: IO[str], mode: int) -> int | None:
 def lock(path: Path) -> Iterator[int | None]:
     """Holds an exclusive lock on the file `path`, with this pid in it, for the block and yields
     None; or yields the pid of the live process that holds it (the block must then leave alone
-    what it guards). The lock ends with the process, however it ends."""
-    with open(path, "a+") as file:
-        if (holder := try_lock(file, fcntl.LOCK_EX)) is None:
-            file.truncate(0)
-            file.write(str(os.getpid()))
-            file.flush()
-        yield holder
+    what it guards). The lock ends with the process, however it ends. A holder may unlink the file
+    before it lets go: a lock won on a file no longer at `path` is let go and `path` tried again."""
+    while True:
+        with open(path, "a+") as file:
+            holder = try_lock(file, fcntl.LOCK_EX)
+            if holder is None and not _is_at(file, path):
+                continue
+            if holder is None:
+                file.truncate(0)
+                file.write(str(os.getpid()))
+                file.flush()
+            yield holder
+            return
+
+
+def _is_at(file: IO[str], path: Path) -> bool:
+    """Whether the open `file` is the one `path` names now."""
+    try:
+        at = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(file.fileno())
+    return (at.st_dev, at.st_ino) == (mine.st_dev, mine.st_ino)
