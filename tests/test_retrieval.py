@@ -286,6 +286,26 @@ def test_the_report_times_a_resumed_run_on_one_device_only():
     assert row[2] == 5 and row[7:10] == ["0.10", "0.90", "NVIDIA H100 80GB HBM3 (3 of 5)"]
 
 
+
+def test_a_report_rows_ci_depends_on_its_own_windows_only():
+    """Adding another method's run to the report (or another corpus) must not move a row's
+    bootstrap CI, nor a paired difference's: each row resamples from its own seed."""
+    report = _report()
+    rng = np.random.default_rng(1)
+
+    def run(corpus: str, method: str, gain: float) -> pd.DataFrame:
+        before = rng.uniform(0.8, 1.2, 30)
+        return pd.DataFrame({"corpus": corpus, "method": method, "index": range(30), "delta": 0.1, "label": 1,
+                             "pred_source": 1, "pred": 1, "bpb_source": before, "bpb": before * rng.normal(gain, 0.05, 30),
+                             "seconds": 1.0, "select_seconds": 0.1, "backwards": 50, "device": "cpu"})
+
+    nn, sift = run("licenses", "nn", 0.9), run("licenses", "sift", 0.8)
+    alone = report.table(pd.concat([nn, sift]), gated=False, d=0.16)
+    more = pd.concat([run("licenses", "a", 1.1), nn, run("licenses", "nn-f", 1.2), sift, run("python", "nn", 0.95)])
+    assert [r for r in report.table(more, gated=False, d=0.16) if r[:2] in (["licenses", "nn"], ["licenses", "sift"])] == alone
+    assert report.paired(more, "nn", "sift", False, 0.16)[0] == report.paired(pd.concat([nn, sift]), "nn", "sift", False, 0.16)[0]
+
+
 def test_the_report_reads_a_sweep_job_stopped_midway_from_its_checkpoint(tmp_path):
     """benchmarks/fair_gpu leaves only checkpoint.parquet for a job stopped midway: the report reads
     its finished windows, named by the settings the checkpoint records, timed per attempt."""
