@@ -135,6 +135,28 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
         tta_bench.run(OtherMachine(), *RESUME, options)
 
 
+
+def test_a_stopped_run_resumes_to_a_later_stop_and_equals_an_uninterrupted_run(tmp_path):
+    """--limit and --max-uncertain say where a scan stops, not what it computes: a run stopped
+    early goes on to more samples when resumed with a larger stop (a CPU run continued for more
+    windows), and equals the uninterrupted run. A stop before what the checkpoint holds is refused."""
+    from dataclasses import replace
+    ck = tmp_path / "checkpoint.parquet"
+    full = tta_bench.run(ToyTask(), *RESUME, RunOptions(progress=False, track=False))
+    options = RunOptions(progress=False, track=False, checkpoint=ck, checkpoint_every=5, limit=30, max_uncertain=25)
+    with pytest.raises(RuntimeError, match="worker died"):
+        tta_bench.run(CrashingToy(), *RESUME, options)
+    n_saved = pd.read_parquet(ck)["index"].nunique()
+    with pytest.raises(TTAError, match=rf"already holds {n_saved} samples \(\d+ uncertain\), past --limit 3: resume "
+                                       r"with at least as many, or delete it"):
+        tta_bench.run(ToyTask(), *RESUME, replace(options, limit=3))
+    with pytest.raises(TTAError, match=r"another configuration \(seed 0 then, 1 now\)"):  # still refused
+        tta_bench.run(ToyTask(), *RESUME, replace(options, limit=None, seed=1))
+    resumed = tta_bench.run(ToyTask(), *RESUME, replace(options, limit=None, max_uncertain=None))
+    assert resumed.metadata["resumed_from_sample"] == n_saved
+    _same_results(full, resumed)
+
+
 def test_slow_samples_are_checkpointed_by_time_too(tmp_path):
     """Samples that take minutes (text) are checkpointed every checkpoint_seconds, not only
     every checkpoint_every samples: at 0 s after every sample, as checkpoint_every=1 does."""

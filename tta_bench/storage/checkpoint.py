@@ -62,6 +62,17 @@ def fingerprint(settings: dict) -> str:
     return json_sha256(settings)
 
 
+STOPS = ("limit", "max_uncertain")  # where a scan stops, not what it computes: a stopped run may go further
+
+
+def _stops_only(was: object, written: str, now: dict) -> bool:
+    """Whether the checkpoint's recorded settings `was` (whose fingerprint is `written`) differ from
+    `now` in where the scan stops only (a run stopped early, resumed to go on to more samples)."""
+    def computing(settings: dict) -> dict:
+        return {k: v for k, v in settings.items() if k not in STOPS}
+    return isinstance(was, dict) and fingerprint(was) == written and fingerprint(computing(was)) == fingerprint(computing(now))
+
+
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """`write` fills a temporary file beside `path`, which then replaces `path` in one rename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -96,14 +107,19 @@ def load(path: Path, settings: dict, n_lrs: int) -> Progress | None:
     except (OSError, KeyError, ValueError, TypeError, pa.ArrowException) as err:
         why = f"its metadata lacks {err}" if isinstance(err, KeyError) else str(err).strip().splitlines()[0]
         raise TTAError(f"checkpoint {path} is unreadable ({why}); {delete}") from None
-    if written != fingerprint(settings):
+    if written != fingerprint(settings) and not _stops_only(meta.get("settings"), written, settings):
         was, now = _flat(meta.get("settings")), _flat(settings)
         changed = [f"{k} {was.get(k, 'unset')} then, {now.get(k, 'unset')} now" for k in sorted(set(was) | set(now))
-                   if was.get(k) != now.get(k)]
-        what = "; ".join(changed) if was else ("task, method, hyperparameters, protocol, limits, seed, batch size, "
+                   if was.get(k) != now.get(k) and k not in STOPS]  # a stop alone may change
+        what = "; ".join(changed) if was and changed else ("task, method, hyperparameters, protocol, limits, seed, batch size, "
                                                "adapt block or the data differ")
         raise TTAError(f"checkpoint {path} was written by a run of another configuration ({what}); resume with "
                        f"the stopped run's settings, or {delete}")
+    past = [f"--{key.replace('_', '-')} {settings[key]}" for key, held in (("limit", n_seen), ("max_uncertain", n_uncertain))
+            if settings.get(key) is not None and held > settings[key]]
+    if past:
+        raise TTAError(f"checkpoint {path} already holds {n_seen} samples ({n_uncertain} uncertain), past "
+                       f"{' and '.join(past)}: resume with at least as many, or {delete}")
     rows = table.to_pandas()
     n_rows = n_seen - len(skipped)  # samples with rows
     if not _whole(rows, n_rows, n_uncertain, n_lrs):
