@@ -98,7 +98,7 @@ def paired(rows: pd.DataFrame, a: str, b: str, gated: bool, d: float) -> list[li
         if len(before) < 2:
             continue
         diff = 100 * (after_b.mean() - after_a.mean()) / before.mean()
-        idx = np.random.default_rng(0).integers(0, len(before), size=(1000, len(before)))  # per row: see table
+        idx = resamples(len(before))
         boot = 100 * (after_b[idx].mean(1) - after_a[idx].mean(1)) / before[idx].mean(1)
         lo, hi = np.percentile(boot, [5, 95])
         wins = int((after_b < after_a).sum())
@@ -132,10 +132,16 @@ KEPT = ["corpus", "method", "index", "delta", "label", "pred_source", "pred", "b
         "select_seconds", "backwards", "data_space", "device"]  # what the report reads, for --save
 
 
-def relative_bpb(before: np.ndarray, after: np.ndarray, rng: np.random.Generator, n: int = 1000) -> tuple[float, float, float]:
+def resamples(n_windows: int, n: int = 1000) -> np.ndarray:
+    """n bootstrap resamples of a row's window positions, each row from the same seed: a row's CI
+    depends on its own windows only, not on which other runs the report reads."""
+    return np.random.default_rng(0).integers(0, n_windows, size=(n, n_windows))
+
+
+def relative_bpb(before: np.ndarray, after: np.ndarray) -> tuple[float, float, float]:
     """100·(mean bpb after / mean bpb before − 1) and its bootstrap 90 % interval over windows."""
     value = 100 * (after.mean() / before.mean() - 1)
-    idx = rng.integers(0, len(before), size=(n, len(before)))
+    idx = resamples(len(before))
     boot = 100 * (after[idx].mean(1) / before[idx].mean(1) - 1)
     return value, *np.percentile(boot, [5, 95])
 
@@ -151,15 +157,14 @@ def common_windows(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def table(rows: pd.DataFrame, gated: bool, d: float) -> list[list]:
-    """One row per corpus and method. Each row's bootstrap starts from the same seed, so that its
-    CI depends on its own windows only, not on which other runs the report reads."""
+    """One row per corpus and method (bootstrap: see `resamples`)."""
     out = []
     for (corpus, method), g in rows.groupby(["corpus", "method"], sort=True):
         g = g[g["delta"] < d] if gated else g
         g = g[np.isfinite(g["bpb"]) & np.isfinite(g["bpb_source"])]
         if g.empty:
             continue
-        rel, lo, hi = relative_bpb(g["bpb_source"].to_numpy(), g["bpb"].to_numpy(), np.random.default_rng(0))
+        rel, lo, hi = relative_bpb(g["bpb_source"].to_numpy(), g["bpb"].to_numpy())
         acc0, acc = 100 * (g["pred_source"] == g["label"]).mean(), 100 * (g["pred"] == g["label"]).mean()
         device = g["device"].mode()[0]  # timings from one device only: the one most windows ran on
         timed = g[g["device"] == device]

@@ -213,7 +213,6 @@ def test_a_locked_job_is_skipped_not_run_twice(toy_job, tmp_path, capsys):
     assert _top_runs(uri, "toy", job.key) == []
 
 
-
 def test_a_lock_won_on_a_file_its_last_holder_unlinked_is_taken_on_the_file_now_at_the_path(tmp_path, monkeypatch):
     """A holder unlinks its lock file before it lets go (tta-bench run's --out lock, fair_gpu's
     claim). A process that opened the file before the unlink wins the old, nameless file: it must

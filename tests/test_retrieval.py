@@ -286,7 +286,6 @@ def test_the_report_times_a_resumed_run_on_one_device_only():
     assert row[2] == 5 and row[7:10] == ["0.10", "0.90", "NVIDIA H100 80GB HBM3 (3 of 5)"]
 
 
-
 def test_a_report_rows_ci_depends_on_its_own_windows_only():
     """Adding another method's run to the report (or another corpus) must not move a row's
     bootstrap CI, nor a paired difference's: each row resamples from its own seed."""

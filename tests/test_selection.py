@@ -523,7 +523,6 @@ def test_a_job_another_live_sweep_claimed_is_left_to_it_and_a_dead_ones_claim_is
     assert key == "a" and outcome.startswith("error:") and not (runs / "a").exists()
 
 
-
 def test_a_job_another_sweep_finished_before_the_claim_was_won_is_not_run_again(tmp_path, monkeypatch):
     """Between the run.json check and winning the claim, another sweep may finish the job (and let
     go of its claim): it is then done, not run a second time, and no claim file is left behind."""

@@ -135,7 +135,6 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
         tta_bench.run(OtherMachine(), *RESUME, options)
 
 
-
 def test_a_stopped_run_resumes_to_a_later_stop_and_equals_an_uninterrupted_run(tmp_path):
     """--limit and --max-uncertain say where a scan stops, not what it computes: a run stopped
     early goes on to more samples when resumed with a larger stop (a CPU run continued for more

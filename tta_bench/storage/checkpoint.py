@@ -111,8 +111,8 @@ def load(path: Path, settings: dict, n_lrs: int) -> Progress | None:
         was, now = _flat(meta.get("settings")), _flat(settings)
         changed = [f"{k} {was.get(k, 'unset')} then, {now.get(k, 'unset')} now" for k in sorted(set(was) | set(now))
                    if was.get(k) != now.get(k) and k not in STOPS]  # a stop alone may change
-        what = "; ".join(changed) if was and changed else ("task, method, hyperparameters, protocol, limits, seed, batch size, "
-                                               "adapt block or the data differ")
+        what = "; ".join(changed) if was and changed else (
+            "task, method, hyperparameters, protocol, limits, seed, batch size, adapt block or the data differ")
         raise TTAError(f"checkpoint {path} was written by a run of another configuration ({what}); resume with "
                        f"the stopped run's settings, or {delete}")
     past = [f"--{key.replace('_', '-')} {settings[key]}" for key, held in (("limit", n_seen), ("max_uncertain", n_uncertain))
@@ -159,10 +159,9 @@ def lock(path: Path) -> Iterator[int | None]:
     before it lets go: a lock won on a file no longer at `path` is let go and `path` tried again."""
     while True:
         with open(path, "a+") as file:
-            holder = try_lock(file, fcntl.LOCK_EX)
-            if holder is None and not _is_at(file, path):
-                continue
-            if holder is None:
+            if (holder := try_lock(file, fcntl.LOCK_EX)) is None:
+                if not _is_at(file, path):  # won on the file its last holder unlinked
+                    continue
                 file.truncate(0)
                 file.write(str(os.getpid()))
                 file.flush()
